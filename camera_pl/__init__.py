@@ -1,0 +1,37 @@
+"""camera_pl: micro-expert statistics, compression and recovery for MoE LLMs in Lightning."""
+
+from camera_pl.adapters import (
+    ArchitectureSpec,
+    MoELayer,
+    UnsupportedModelError,
+    moe_layers,
+    register_adapter,
+    supported_model_types,
+)
+from camera_pl.scores import LayerScores, register_score, score_methods
+from camera_pl.stats import MicroExpertStats, StatsMismatchError, collect_stats
+
+__all__ = [
+    "ArchitectureSpec",
+    "LayerScores",
+    "MicroExpertStats",
+    "MoELayer",
+    "StatsMismatchError",
+    "UnsupportedModelError",
+    "collect_stats",
+    "moe_layers",
+    "reference_model",
+    "register_adapter",
+    "register_score",
+    "score_methods",
+    "supported_model_types",
+]
+
+
+def __getattr__(name: str):
+    # The reference model pulls in tokenizers and weights; load it only when asked for.
+    if name == "reference_model":
+        from camera_pl.reference import reference_model
+
+        return reference_model
+    raise AttributeError(f"module 'camera_pl' has no attribute {name!r}")

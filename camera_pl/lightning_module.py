@@ -1,0 +1,54 @@
+"""A plain LightningModule around a transformers causal LM, for finetuning and validation."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+
+class CausalLMModule(pl.LightningModule):
+    """Next-token training/validation of ``model`` (kept at ``self.model``, where callbacks look).
+
+    Batches are dicts with ``input_ids``, optional ``attention_mask`` and optional ``labels``
+    (default: ``input_ids`` with padding set to -100). The MoE router auxiliary loss is
+    added when the model returns one (``output_router_logits=True`` in its config).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+
+    def _loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"].clone()
+            if batch.get("attention_mask") is not None:
+                labels[batch["attention_mask"] == 0] = -100
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
+                         use_cache=False)
+        return out.loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return optimizer
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

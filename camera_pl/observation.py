@@ -1,0 +1,198 @@
+"""Streaming micro-expert statistics, accumulated inside the model's own forward.
+
+:func:`observe` switches the model to camera_pl's experts implementation, attaches one
+:class:`LayerObserver` per MoE layer and yields an :class:`Observation`. Statistics live
+in a :class:`StatsAccumulator`, a torchmetrics ``Metric`` whose states are float32 tensors
+on the model's device with ``sum``/``max`` reductions, so under DDP/FSDP ``compute()``
+syncs them through the strategy's process group. Memory is O(layers x experts x
+intermediate); no per-token tensor outlives the forward that produced it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from camera_pl.adapters import MoELayer, moe_layers
+from camera_pl.experts_forward import IMPLEMENTATION
+
+RATIO_BINS = 1000
+"""Histogram bins of the top-2/top-1 routing-weight ratio on [0, 1] (median resolution 1e-3)."""
+
+# name -> (shape kind, reduction). Shape kinds: "micro" [E, I], "expert" [E], "shared" [I_s], "bins" [RATIO_BINS].
+STATE_LAYOUT: dict[str, tuple[str, str]] = {
+    "sq_sum": ("micro", "sum"),  # sum_t (g a)^2
+    "sq_max": ("micro", "max"),  # max_t (g a)^2
+    "act_sq_sum": ("micro", "sum"),  # sum over routed tokens of a^2
+    "count": ("expert", "sum"),  # routed-token count
+    "weight_sum": ("expert", "sum"),  # sum of top-k routing weight g
+    "prob_sum": ("expert", "sum"),  # sum of router probability (all tokens, before top-k)
+    "out_norm_sum": ("expert", "sum"),  # sum over routed tokens of ||f_e(x)||
+    "weighted_out_norm_sum": ("expert", "sum"),  # sum over routed tokens of g ||f_e(x)||
+    "ratio_hist": ("bins", "sum"),  # histogram of w1/w0 (top-2 over top-1 weight)
+    "shared_sq_sum": ("shared", "sum"),
+    "shared_sq_max": ("shared", "max"),
+    "shared_act_sq_sum": ("shared", "sum"),
+}
+
+
+def _state_shape(kind: str, layer: MoELayer) -> tuple[int, ...]:
+    return {
+        "micro": (layer.num_experts, layer.intermediate_size),
+        "expert": (layer.num_experts,),
+        "shared": (layer.shared_intermediate_size,),
+        "bins": (RATIO_BINS,),
+    }[kind]
+
+
+class StatsAccumulator(Metric):
+    """torchmetrics states for every MoE layer, reduced with ``sum``/``max`` across ranks."""
+
+    full_state_update = False
+
+    def __init__(self, layers: list[MoELayer]):
+        super().__init__()
+        self.layer_indices = [layer.index for layer in layers]
+        self.add_state("tokens", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
+        for layer in layers:
+            for name, (kind, reduce) in STATE_LAYOUT.items():
+                zeros = torch.zeros(_state_shape(kind, layer), dtype=torch.float32)
+                self.add_state(f"l{layer.index}_{name}", zeros, dist_reduce_fx=reduce)
+
+    def state(self, layer: int, name: str) -> torch.Tensor:
+        return getattr(self, f"l{layer}_{name}")
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Count the (unmasked) tokens of one batch; layer states are filled by the observers."""
+        self.tokens += tokens.to(self.tokens)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """All states by name (synced across ranks when running distributed)."""
+        names = ["tokens"] + [f"l{i}_{n}" for i in self.layer_indices for n in STATE_LAYOUT]
+        return {name: getattr(self, name).clone() for name in names}
+
+
+class LayerObserver:
+    """Accumulates one MoE layer's statistics from the values the forward already computed."""
+
+    def __init__(self, layer: MoELayer, acc: StatsAccumulator, observation: "Observation"):
+        self.layer = layer
+        self.acc = acc
+        self.observation = observation
+        self._shared_gate: torch.Tensor | None = None
+
+    def _state(self, name: str) -> torch.Tensor:
+        return self.acc.state(self.layer.index, name)
+
+    def observe(
+        self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, acts: torch.Tensor, out_norms: torch.Tensor
+    ) -> None:
+        """Routed experts: called by camera_pl's experts forward with all (token, slot) pairs."""
+        mask = self.observation.token_mask(top_k_index.shape[0], top_k_index.device)
+        valid = (top_k_index < self.layer.num_experts) & mask[:, None]
+        idx = top_k_index.clamp(max=self.layer.num_experts - 1).reshape(-1)
+        keep = valid.float()
+        g = top_k_weights.float() * keep
+        a = acts.float()
+        inter = a.shape[-1]
+        ga2 = ((g[..., None] * a) ** 2).reshape(-1, inter)
+        self._state("sq_sum").index_add_(0, idx, ga2)
+        self._state("sq_max").scatter_reduce_(0, idx[:, None].expand(-1, inter), ga2, reduce="amax")
+        self._state("act_sq_sum").index_add_(0, idx, (a**2 * keep[..., None]).reshape(-1, inter))
+        self._state("count").index_add_(0, idx, keep.reshape(-1))
+        self._state("weight_sum").index_add_(0, idx, g.reshape(-1))
+        self._state("out_norm_sum").index_add_(0, idx, (out_norms * keep).reshape(-1))
+        self._state("weighted_out_norm_sum").index_add_(0, idx, (out_norms * g).reshape(-1))
+        if top_k_weights.shape[1] >= 2:
+            top2 = top_k_weights.float().topk(2, dim=-1).values
+            ratio = top2[:, 1] / top2[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
+            bins = (ratio.clamp(0, 1) * RATIO_BINS).long().clamp(max=RATIO_BINS - 1)
+            self._state("ratio_hist").index_add_(0, bins, mask.float())
+
+    def on_router_output(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        """Forward hook on the router: accumulate per-expert probability mass."""
+        probs = self.layer.router_probs(output[0])
+        mask = self.observation.token_mask(probs.shape[0], probs.device)
+        self._state("prob_sum").add_((probs * mask[:, None]).sum(0))
+
+    def on_block_input(self, module: nn.Module, args: tuple) -> None:
+        """Pre-hook on the MoE block: the sigmoid shared-expert gate of each token."""
+        gate = self.layer.shared_gate_values(args[0])
+        self._shared_gate = None if gate is None else gate.detach().float()
+
+    def on_shared_down_input(self, module: nn.Module, args: tuple) -> None:
+        """Pre-hook on the shared expert's down projection: its micro-expert activations."""
+        a = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        mask = self.observation.token_mask(a.shape[0], a.device).float()
+        g = mask if self._shared_gate is None else self._shared_gate * mask
+        ga2 = (g[:, None] * a) ** 2
+        self._state("shared_sq_sum").add_(ga2.sum(0))
+        self._state("shared_sq_max").copy_(torch.maximum(self._state("shared_sq_max"), ga2.amax(0)))
+        self._state("shared_act_sq_sum").add_((a**2 * mask[:, None]).sum(0))
+
+
+class Observation:
+    """A live observation of a model: set each batch's attention mask, read the accumulator."""
+
+    def __init__(self, model: nn.Module, layers: list[MoELayer], acc: StatsAccumulator):
+        self.model = model
+        self.layers = layers
+        self.accumulator = acc
+        self._mask: torch.Tensor | None = None
+
+    def set_attention_mask(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+        """Declare which tokens of the next forward count (mask 0 = padding, never counted)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                f"{tuple(input_ids.shape)}; pass a 2D [batch, seq] padding mask."
+            )
+        self._mask = attention_mask.reshape(-1).bool()
+        self.accumulator.update(self._mask.sum())
+
+    def token_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        if self._mask is None:
+            raise RuntimeError("Observation saw a forward before set_attention_mask(); call it for every batch.")
+        if self._mask.numel() != num_tokens:
+            raise RuntimeError(
+                f"The MoE layer saw {num_tokens} tokens but the declared attention mask has {self._mask.numel()}; "
+                "observe full-sequence forwards (no KV-cache generation)."
+            )
+        return self._mask.to(device)
+
+
+@contextmanager
+def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> Iterator[Observation]:
+    """Collect micro-expert statistics from every forward of ``model`` inside the block.
+
+    The model's experts implementation is switched to ``"camera_pl"`` and restored on exit,
+    with all hooks removed. Pass an existing ``accumulator`` to keep accumulating into it.
+    """
+    layers = moe_layers(model)
+    device = next(model.parameters()).device
+    acc = (accumulator or StatsAccumulator(layers)).to(device)
+    observation = Observation(model, layers, acc)
+    previous = model.config._experts_implementation
+    handles = []
+    model.set_experts_implementation(IMPLEMENTATION)
+    try:
+        for layer in layers:
+            obs = LayerObserver(layer, acc, observation)
+            layer.experts._camera_observer = obs
+            handles.append(layer.router.register_forward_hook(obs.on_router_output))
+            if layer.shared is not None:
+                handles.append(layer.block.register_forward_pre_hook(obs.on_block_input))
+                handles.append(layer.shared.down_proj.register_forward_pre_hook(obs.on_shared_down_input))
+        yield observation
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers:
+            layer.experts.__dict__.pop("_camera_observer", None)
+        model.set_experts_implementation(previous)

@@ -1,0 +1,132 @@
+"""Importance scores: a registry of pure functions over one layer's statistics.
+
+A score function takes one layer's statistics dict (see :class:`MicroExpertStats`) and
+keyword options, and returns a :class:`LayerScores`. Micro-level scores rank every
+micro-expert (routed ``[E, I]`` and shared ``[I_s]``); expert-level scores rank whole
+experts (``[E]``). Higher means more important. Add a method with :func:`register_score`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from camera_pl.stats import MicroExpertStats
+
+
+@dataclass
+class LayerScores:
+    """Scores of one layer. ``level`` is ``"micro"`` (routed ``[E, I]``) or ``"expert"`` (routed ``[E]``)."""
+
+    level: str
+    routed: torch.Tensor
+    shared: torch.Tensor | None = None
+
+
+ScoreFn = Callable[..., LayerScores]
+_SCORES: dict[str, tuple[str, ScoreFn]] = {}
+
+
+def register_score(name: str, level: str) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator registering ``fn(layer_stats, **kw) -> LayerScores`` under ``name``."""
+    if level not in ("micro", "expert"):
+        raise ValueError(f"level must be 'micro' or 'expert', got {level!r}.")
+
+    def add(fn: ScoreFn) -> ScoreFn:
+        _SCORES[name] = (level, fn)
+        return fn
+
+    return add
+
+
+def score_methods(level: str | None = None) -> list[str]:
+    """Registered score names, optionally only those of one level."""
+    return sorted(n for n, (lvl, _) in _SCORES.items() if level in (None, lvl))
+
+
+def score_level(method: str) -> str:
+    _check_method(method)
+    return _SCORES[method][0]
+
+
+def _check_method(method: str) -> None:
+    if method not in _SCORES:
+        raise ValueError(f"Unknown score method {method!r}; choose one of {', '.join(score_methods())}.")
+
+
+def compute_scores(stats: "MicroExpertStats", method: str, model: nn.Module | None = None, **kwargs) -> dict[int, LayerScores]:
+    """Scores of every layer; with ``model``, weight norms are read from its current weights."""
+    _check_method(method)
+    _, fn = _SCORES[method]
+    layers = stats.layers
+    if model is not None:
+        from camera_pl.adapters import moe_layers
+        from camera_pl.stats import weight_norms
+
+        stats.check_compatible(model)
+        layers = {layer.index: {**stats.layers[layer.index], **weight_norms(layer)} for layer in moe_layers(model)}
+    return {index: fn(entry, layer_index=index, **kwargs) for index, entry in layers.items()}
+
+
+# ---- micro-expert level ------------------------------------------------------------------
+@register_score("camera", "micro")
+def camera_score(s: dict[str, torch.Tensor], reduce_ratio: float = 0.9, **_) -> LayerScores:
+    """CAMERA energy: ‖W_down[:, j]‖² · ((1−r)·Σ_t (g a)² + r·max_t (g a)²)  (METHODS §1)."""
+    if not 0.0 <= reduce_ratio <= 1.0:
+        raise ValueError(f"reduce_ratio must lie in [0, 1], got {reduce_ratio}.")
+    r = reduce_ratio
+    routed = s["down_norm_sq"] * ((1 - r) * s["sq_sum"] + r * s["sq_max"])
+    shared = None
+    if "shared_down_norm_sq" in s:
+        shared = s["shared_down_norm_sq"] * ((1 - r) * s["shared_sq_sum"] + r * s["shared_sq_max"])
+    return LayerScores("micro", routed, shared)
+
+
+@register_score("magnitude", "micro")
+def magnitude_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+    """Weight magnitude ‖w_gate‖·‖w_up‖·‖w_down‖ per micro-expert (no data)."""
+    routed = s["gate_norm"] * s["up_norm"] * s["down_norm_sq"].sqrt()
+    shared = None
+    if "shared_down_norm_sq" in s:
+        shared = s["shared_gate_norm"] * s["shared_up_norm"] * s["shared_down_norm_sq"].sqrt()
+    return LayerScores("micro", routed, shared)
+
+
+@register_score("activation", "micro")
+def activation_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+    """Activation energy Σ a² over the tokens each expert computed (no routing weight, no down norm)."""
+    return LayerScores("micro", s["act_sq_sum"].clone(), s["shared_act_sq_sum"].clone() if "shared_down_norm_sq" in s else None)
+
+
+@register_score("random", "micro")
+def random_score(s: dict[str, torch.Tensor], seed: int = 0, layer_index: int = 0, **_) -> LayerScores:
+    """Uniform random scores, reproducible from ``seed`` (and the layer index)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + layer_index)
+    routed = torch.rand(s["sq_sum"].shape, generator=gen).to(s["sq_sum"].device)
+    shared = None
+    if "shared_down_norm_sq" in s:
+        shared = torch.rand(s["shared_sq_sum"].shape, generator=gen).to(s["sq_sum"].device)
+    return LayerScores("micro", routed, shared)
+
+
+# ---- expert level ------------------------------------------------------------------------
+@register_score("frequency", "expert")
+def frequency_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+    """How many tokens selected each expert."""
+    return LayerScores("expert", s["count"].clone())
+
+
+@register_score("reap", "expert")
+def reap_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+    """REAP: mean over routed tokens of g_e(t)·‖f_e(t)‖₂ (0 for never-routed experts)."""
+    return LayerScores("expert", s["weighted_out_norm_sum"] / s["count"].clamp_min(1))
+
+
+@register_score("ean", "expert")
+def ean_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+    """EAN: Σ over routed tokens of ‖f_e(t)‖₂."""
+    return LayerScores("expert", s["out_norm_sum"].clone())

@@ -1,0 +1,194 @@
+"""``MicroExpertStats``: the statistics of one model, with scoring, saving and loading.
+
+Besides the streamed activation statistics (see :mod:`camera_pl.observation`) the
+container keeps a snapshot of per-micro-expert weight norms (``‖W_down[:, j]‖²`` and the
+gate/up row norms) so scores can be computed without the model; pass ``model=`` to
+:meth:`MicroExpertStats.scores` to read the current weights instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from camera_pl.adapters import MoELayer, model_signature, moe_layers
+from camera_pl.observation import RATIO_BINS, STATE_LAYOUT, StatsAccumulator, observe
+
+FORMAT_VERSION = 1
+
+
+class StatsMismatchError(ValueError):
+    """Statistics and model (or file) do not belong together."""
+
+
+def weight_norms(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """Per-micro-expert weight norms of a layer, float32: routed ``[E, I]`` and shared ``[I_s]``."""
+    with torch.no_grad():
+        gate, up, down = layer.stacked_weights()
+        norms = {
+            "down_norm_sq": down.float().pow(2).sum(1),
+            "up_norm": up.float().norm(dim=2),
+            "gate_norm": gate.float().norm(dim=2) if gate is not None else torch.ones_like(up[..., 0], dtype=torch.float32),
+        }
+        shared = layer.shared
+        if shared is not None:
+            norms["shared_down_norm_sq"] = shared.down_proj.weight.float().pow(2).sum(0)
+            norms["shared_up_norm"] = shared.up_proj.weight.float().norm(dim=1)
+            norms["shared_gate_norm"] = shared.gate_proj.weight.float().norm(dim=1)
+    return norms
+
+
+@dataclass
+class MicroExpertStats:
+    """Micro-expert statistics of every MoE layer of one model.
+
+    Attributes:
+        signature: architecture and per-layer shapes of the model the stats came from.
+        layers: ``{layer_index: {name: tensor}}``; names are those of
+            :data:`camera_pl.observation.STATE_LAYOUT` plus the weight-norm snapshot.
+        tokens: number of (unpadded) tokens observed.
+    """
+
+    signature: dict
+    layers: dict[int, dict[str, torch.Tensor]]
+    tokens: int
+    meta: dict = field(default_factory=dict)
+
+    # ---- construction -----------------------------------------------------------------
+    @classmethod
+    def from_accumulator(cls, acc: StatsAccumulator, model: nn.Module, meta: Mapping | None = None) -> "MicroExpertStats":
+        """Read (and, under DDP, sync) an accumulator into a stats object for ``model``."""
+        states = acc.compute()
+        layers = {}
+        for layer in moe_layers(model):
+            entry = {name: states[f"l{layer.index}_{name}"] for name in STATE_LAYOUT}
+            entry.update(weight_norms(layer))
+            layers[layer.index] = entry
+        return cls(model_signature(model), layers, int(states["tokens"].item()), dict(meta or {}))
+
+    # ---- queries ----------------------------------------------------------------------
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise :class:`StatsMismatchError` naming the difference if ``model`` is not the stats' model."""
+        theirs = model_signature(model)
+        if theirs == self.signature:
+            return
+        mine = self.signature
+        if mine["model_type"] != theirs["model_type"] or mine["model_class"] != theirs["model_class"]:
+            what = f"{mine['model_class']} ({mine['model_type']}) vs {theirs['model_class']} ({theirs['model_type']})"
+        else:
+            diffs = [f"layer {a['index']}: stats {a} vs model {b}" for a, b in zip(mine["layers"], theirs["layers"]) if a != b]
+            if len(mine["layers"]) != len(theirs["layers"]):
+                diffs.insert(0, f"{len(mine['layers'])} MoE layers in stats vs {len(theirs['layers'])} in model")
+            what = "; ".join(diffs[:3])
+        raise StatsMismatchError(
+            f"These statistics were collected on a different model ({what}). "
+            "Collect statistics on this model with camera_pl.collect_stats(model, dataloader)."
+        )
+
+    def scores(self, method: str = "camera", **kwargs) -> dict[int, "LayerScores"]:
+        """Per-layer scores by a registered method (see :mod:`camera_pl.scores`)."""
+        from camera_pl.scores import compute_scores
+
+        return compute_scores(self, method, **kwargs)
+
+    def ratio_median(self, layer: int) -> float:
+        """Median of the top-2/top-1 routing-weight ratio w1/w0 in ``layer`` (for MC's ODP threshold)."""
+        hist = self.layers[layer]["ratio_hist"].double()
+        total = hist.sum()
+        if total <= 0:
+            raise ValueError(f"Layer {layer} has no top-2 routing observations (top_k < 2 or no tokens).")
+        cdf = hist.cumsum(0)
+        b = int(torch.searchsorted(cdf, total / 2).item())
+        below = cdf[b - 1] if b > 0 else torch.zeros((), dtype=torch.float64)
+        frac = ((total / 2 - below) / hist[b].clamp_min(1e-12)).item()
+        return (b + frac) / RATIO_BINS
+
+    def nbytes(self) -> int:
+        """Memory held by all statistic tensors."""
+        return sum(t.numel() * t.element_size() for entry in self.layers.values() for t in entry.values())
+
+    def to(self, device: torch.device | str) -> "MicroExpertStats":
+        layers = {i: {n: t.to(device) for n, t in entry.items()} for i, entry in self.layers.items()}
+        return MicroExpertStats(self.signature, layers, self.tokens, dict(self.meta))
+
+    # ---- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file; its header metadata holds the model signature as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layers.{i}.{n}": t.detach().cpu().contiguous() for i, e in self.layers.items() for n, t in e.items()}
+        header = {"format": "camera_pl.MicroExpertStats", "version": FORMAT_VERSION, "signature": self.signature,
+                  "tokens": self.tokens, "meta": self.meta}
+        save_file(tensors, str(path), metadata={"camera_pl": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None, device: str | torch.device = "cpu") -> "MicroExpertStats":
+        """Read a file written by :meth:`save`; with ``model``, also check it belongs to that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No statistics file at {path}.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("camera_pl")
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise StatsMismatchError(f"{path} is not a readable safetensors statistics file ({err}).") from err
+        if raw is None:
+            raise StatsMismatchError(f"{path} is a safetensors file but not camera_pl statistics (no 'camera_pl' header).")
+        header = json.loads(raw)
+        if header.get("version") != FORMAT_VERSION:
+            raise StatsMismatchError(f"{path} has statistics format version {header.get('version')}; expected {FORMAT_VERSION}.")
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            _, index, name = key.split(".", 2)
+            layers.setdefault(int(index), {})[name] = tensor
+        stats = cls(header["signature"], dict(sorted(layers.items())), int(header["tokens"]), header.get("meta", {}))
+        if model is not None:
+            stats.check_compatible(model)
+        return stats
+
+
+def _batches(dataloader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    for batch in dataloader:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError(
+                f"collect_stats expects batches as dicts with 'input_ids' (and optional 'attention_mask'); "
+                f"got {type(batch).__name__}."
+            )
+        yield batch["input_ids"], batch.get("attention_mask")
+
+
+def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None = None) -> MicroExpertStats:
+    """Run ``model`` over ``dataloader`` (no Trainer needed) and return its micro-expert statistics.
+
+    Batches are dicts with ``input_ids`` and optional ``attention_mask``; padding tokens never
+    count. Stops after the batch that reaches ``max_tokens`` unpadded tokens. The model is
+    run in eval mode without gradients; its train/eval mode is restored afterwards.
+    """
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive or None, got {max_tokens}.")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), observe(model) as obs:
+            for input_ids, attention_mask in _batches(dataloader):
+                input_ids = input_ids.to(device)
+                attention_mask = None if attention_mask is None else attention_mask.to(device)
+                obs.set_attention_mask(attention_mask, input_ids)
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                if max_tokens is not None and obs.accumulator.tokens.item() >= max_tokens:
+                    break
+            if obs.accumulator.tokens.item() == 0:
+                raise ValueError("collect_stats saw no tokens: the dataloader is empty or every token is padding.")
+            return MicroExpertStats.from_accumulator(obs.accumulator, model)
+    finally:
+        model.train(was_training)

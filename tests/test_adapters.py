@@ -1,0 +1,68 @@
+"""Adapters: every supported architecture is seen as routed + shared micro-experts, exactly."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+import camera_pl
+from camera_pl.adapters import ArchitectureSpec, UnsupportedModelError, moe_layers, register_adapter
+from camera_pl.testing import tiny_moe
+
+from conftest import make_batch
+from reference_math import capture_block_inputs, dense_layer
+
+EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "deepseek_v3": [1, 2]}
+
+
+def test_layers_found_and_dense_layers_skipped(arch, model):
+    layers = moe_layers(model)
+    expected = EXPECTED_MOE_LAYERS.get(arch, list(range(model.config.num_hidden_layers)))
+    assert [layer.index for layer in layers] == expected
+    has_shared = arch in ("qwen2_moe", "deepseek_v3")
+    assert all((layer.shared is not None) == has_shared for layer in layers)
+
+
+def test_micro_expert_decomposition_reproduces_block_output(arch, model):
+    """y = sum_e g_e sum_j a_ej W_down[:, j] (+ shared) equals the block's own output."""
+    batch = make_batch()
+    layers = moe_layers(model)
+    inputs, outputs = capture_block_inputs(model, layers, batch)
+    for layer in layers:
+        dense = dense_layer(layer, inputs[layer.index])
+        torch.testing.assert_close(dense["y"].float(), outputs[layer.index], rtol=1e-4, atol=1e-5)
+
+
+def test_per_expert_views_match_stacked_views(model):
+    layer = moe_layers(model)[0]
+    gate, up, down = layer.stacked_weights()
+    g1, u1 = layer.gate_up(1)
+    assert torch.equal(u1, up[1]) and torch.equal(layer.down(1), down[1])
+    assert g1 is None or torch.equal(g1, gate[1])
+    assert up.untyped_storage().data_ptr() == layer._up_param().untyped_storage().data_ptr()  # a view
+
+
+def test_unsupported_model_names_class_and_fix():
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*register_adapter"):
+        moe_layers(dense)
+
+
+def test_moe_architecture_without_moe_layers_is_an_error():
+    config = Qwen3MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
+                            num_experts_per_tok=2, mlp_only_layers=[0, 1])
+    with pytest.raises(UnsupportedModelError, match="no MoE layers"):
+        moe_layers(Qwen3MoeForCausalLM(config))
+
+
+def test_register_adapter_hook():
+    model = tiny_moe("mixtral")
+    model.config.model_type = "my_mixtral_variant"
+    with pytest.raises(UnsupportedModelError, match="my_mixtral_variant"):
+        moe_layers(model)
+    register_adapter("my_mixtral_variant", ArchitectureSpec())
+    assert len(moe_layers(model)) == 2
+    with pytest.raises(ValueError, match="overwrite=True"):
+        register_adapter("my_mixtral_variant", ArchitectureSpec())
+    assert "my_mixtral_variant" in camera_pl.supported_model_types()
