@@ -8,11 +8,19 @@ from camera_pl.adapters import (
     register_adapter,
     supported_model_types,
 )
+from camera_pl.prune import PruneReport, prune
+from camera_pl.serialization import CheckpointError, load, register_experts_kind, save
 from camera_pl.scores import LayerScores, register_score, score_methods
 from camera_pl.stats import MicroExpertStats, StatsMismatchError, collect_stats
 
 __all__ = [
     "ArchitectureSpec",
+    "CheckpointError",
+    "PruneReport",
+    "load",
+    "prune",
+    "register_experts_kind",
+    "save",
     "LayerScores",
     "MicroExpertStats",
     "MoELayer",

@@ -46,6 +46,10 @@ class ArchitectureSpec:
             passed through a sigmoid), if any.
         probs: router logits ``[T, E]`` -> per-expert probabilities ``[T, E]`` (before top-k).
         block: attribute of a decoder layer holding its MLP / MoE block.
+        expert_size_key: config key of the routed experts' intermediate size.
+        num_experts_key: config key of the number of routed experts.
+        shared_size_key: config key of the shared experts' intermediate size; None where it is
+            derived from ``expert_size_key`` (DeepSeek: ``moe_intermediate_size * n_shared_experts``).
     """
 
     router: str = "gate"
@@ -54,19 +58,23 @@ class ArchitectureSpec:
     shared_gate: str | None = None
     probs: Callable[[torch.Tensor], torch.Tensor] = softmax_probs
     block: str = "mlp"
+    expert_size_key: str = "moe_intermediate_size"
+    num_experts_key: str = "num_experts"
+    shared_size_key: str | None = None
 
 
 _REGISTRY: dict[str, ArchitectureSpec] = {
-    "qwen2_moe": ArchitectureSpec(shared="shared_expert", shared_gate="shared_expert_gate"),
+    "qwen2_moe": ArchitectureSpec(shared="shared_expert", shared_gate="shared_expert_gate",
+                                  shared_size_key="shared_expert_intermediate_size"),
     "qwen3_moe": ArchitectureSpec(),
-    "mixtral": ArchitectureSpec(),
-    "olmoe": ArchitectureSpec(),
-    "flex_olmo": ArchitectureSpec(),
-    "phimoe": ArchitectureSpec(router="router"),
-    "gpt_oss": ArchitectureSpec(router="router"),
-    "deepseek_v2": ArchitectureSpec(shared="shared_experts"),
-    "deepseek_v3": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs),
-    "glm4_moe": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs),
+    "mixtral": ArchitectureSpec(expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
+    "olmoe": ArchitectureSpec(expert_size_key="intermediate_size"),
+    "flex_olmo": ArchitectureSpec(expert_size_key="intermediate_size"),
+    "phimoe": ArchitectureSpec(router="router", expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
+    "gpt_oss": ArchitectureSpec(router="router", expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
+    "deepseek_v2": ArchitectureSpec(shared="shared_experts", num_experts_key="n_routed_experts"),
+    "deepseek_v3": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts"),
+    "glm4_moe": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts"),
 }
 
 
@@ -139,12 +147,24 @@ class MoELayer:
         return bool(getattr(self.experts, "has_bias", False))
 
     @property
+    def is_ragged(self) -> bool:
+        """Experts of unequal width (after CAMERA-P's layer/global allocation)."""
+        return hasattr(self.experts, "expert_channels")
+
+    @property
     def hidden_size(self) -> int:
         return self.down(0).shape[0]
 
     @property
     def intermediate_size(self) -> int:
-        return self.down(0).shape[1]
+        """Original width of every expert (micro-expert index space of the statistics)."""
+        return int(self.experts.intermediate_size) if self.is_ragged else self.down(0).shape[1]
+
+    def expert_channels(self, e: int) -> torch.Tensor:
+        """Original indices of expert ``e``'s micro-experts still present."""
+        if self.is_ragged:
+            return self.experts.expert_channels(e)
+        return torch.arange(self.intermediate_size, device=self.experts.down_proj.device)
 
     @property
     def shared_intermediate_size(self) -> int:
@@ -156,6 +176,8 @@ class MoELayer:
 
     def gate_up(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(gate [I, H] or None, up [I, H])`` of expert ``e``, honouring the layout flags."""
+        if self.is_ragged:
+            return self.experts.gate_up(e)
         w = self._up_param()[e]
         if self.is_transposed:
             w = w.t()
@@ -168,11 +190,15 @@ class MoELayer:
 
     def down(self, e: int) -> torch.Tensor:
         """``down [H, I]`` of expert ``e``."""
+        if self.is_ragged:
+            return self.experts.down_weight(e)
         w = self.experts.down_proj[e]
         return w.t() if self.is_transposed else w
 
     def stacked_weights(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """All experts at once: ``(gate [E, I, H] or None, up [E, I, H], down [E, H, I])`` views."""
+        """All experts at once: ``(gate [E, I, H] or None, up [E, I, H], down [E, H, I])`` views (fused layout only)."""
+        if self.is_ragged:
+            raise TypeError(f"Layer {self.index} has experts of unequal width; use per-expert views gate_up(e)/down(e).")
         w = self._up_param()
         if self.is_transposed:
             w = w.transpose(1, 2)
@@ -245,7 +271,10 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _is_moe_block(block: nn.Module | None, spec: ArchitectureSpec) -> bool:
-    down = getattr(getattr(block, spec.experts, None), "down_proj", None)
+    experts = getattr(block, spec.experts, None)
+    if getattr(experts, "kind", None) is not None:  # a camera_pl experts module (ragged, quantized)
+        return True
+    down = getattr(experts, "down_proj", None)
     return isinstance(down, torch.Tensor) and down.dim() == 3
 
 

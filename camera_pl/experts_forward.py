@@ -31,6 +31,8 @@ class ExpertsObserver(Protocol):
 
 def expert_activation(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """Micro-expert activations ``a_e(x) [T, I]``: the input of expert ``e``'s down projection."""
+    if hasattr(experts, "expert_activation"):  # camera_pl experts modules (ragged, quantized)
+        return experts.expert_activation(e, x)
     has_gate = getattr(experts, "has_gate", True)
     w = (experts.gate_up_proj if has_gate else experts.up_proj)[e]
     proj = x @ w if getattr(experts, "is_transposed", False) else nn.functional.linear(x, w)
@@ -41,6 +43,8 @@ def expert_activation(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tens
 
 def expert_output(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:
     """``f_e(x) [T, H]`` from expert ``e``'s activations (routing weight not applied)."""
+    if hasattr(experts, "expert_output"):
+        return experts.expert_output(e, a)
     w = experts.down_proj[e]
     out = a @ w if getattr(experts, "is_transposed", False) else nn.functional.linear(a, w)
     if getattr(experts, "has_bias", False):
@@ -73,9 +77,12 @@ def camera_experts_forward(
         slots[tok, slot] = out * top_k_weights[tok, slot, None]
         if observer is not None:
             if acts is None:
-                acts = a.new_zeros(num_tokens, top_k, a.shape[-1])
+                acts = a.new_zeros(num_tokens, top_k, observer.layer.intermediate_size)
                 norms = out.new_zeros(num_tokens, top_k, dtype=torch.float32)
-            acts[tok, slot] = a
+            if hasattr(self, "expert_channels"):  # pruned expert: scatter back to original channel indices
+                acts[tok[:, None], slot[:, None], self.expert_channels(e)[None, :]] = a
+            else:
+                acts[tok, slot] = a
             norms[tok, slot] = torch.linalg.vector_norm(out.float(), dim=-1)
     if observer is not None and acts is not None:
         observer.observe(top_k_index, top_k_weights, acts, norms)

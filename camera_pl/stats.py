@@ -29,14 +29,20 @@ class StatsMismatchError(ValueError):
 
 
 def weight_norms(layer: MoELayer) -> dict[str, torch.Tensor]:
-    """Per-micro-expert weight norms of a layer, float32: routed ``[E, I]`` and shared ``[I_s]``."""
+    """Per-micro-expert weight norms of a layer, float32: routed ``[E, I]`` and shared ``[I_s]``.
+
+    Micro-experts already pruned away (ragged layers) have norm 0.
+    """
     with torch.no_grad():
-        gate, up, down = layer.stacked_weights()
-        norms = {
-            "down_norm_sq": down.float().pow(2).sum(1),
-            "up_norm": up.float().norm(dim=2),
-            "gate_norm": gate.float().norm(dim=2) if gate is not None else torch.ones_like(up[..., 0], dtype=torch.float32),
-        }
+        device = layer.down(0).device
+        shape = (layer.num_experts, layer.intermediate_size)
+        norms = {k: torch.zeros(shape, device=device) for k in ("down_norm_sq", "up_norm", "gate_norm")}
+        for e in range(layer.num_experts):
+            gate, up = layer.gate_up(e)
+            ch = layer.expert_channels(e)
+            norms["down_norm_sq"][e, ch] = layer.down(e).float().pow(2).sum(0)
+            norms["up_norm"][e, ch] = up.float().norm(dim=1)
+            norms["gate_norm"][e, ch] = gate.float().norm(dim=1) if gate is not None else 1.0
         shared = layer.shared
         if shared is not None:
             norms["shared_down_norm_sq"] = shared.down_proj.weight.float().pow(2).sum(0)

@@ -1,0 +1,154 @@
+"""Save and load compressed models as Hugging Face directories.
+
+``camera_pl.save`` writes ``config.json`` + ``model.safetensors`` like ``save_pretrained``
+and, when some MoE layers hold camera_pl expert modules (ragged after pruning, packed after
+quantization), a ``camera_pl.json`` naming each replaced module's kind and its
+construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
+modules of the recorded kinds and loads the weights strictly, so any missing, extra or
+misshapen tensor is an error. A directory without ``camera_pl.json`` is a plain
+transformers checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from camera_pl.adapters import architecture_spec, moe_layers
+from camera_pl.ragged import build_ragged
+from camera_pl.surgery import shrink_shared
+
+MANIFEST = "camera_pl.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A directory is not a loadable camera_pl / transformers checkpoint."""
+
+
+class SerializableExperts(Protocol):
+    """A camera_pl experts module: describes itself and can be rebuilt empty from that description."""
+
+    kind: str
+
+    def spec(self) -> dict: ...
+
+
+_KINDS: dict[str, Callable[[dict, nn.Module], nn.Module]] = {"ragged": build_ragged}
+
+
+def register_experts_kind(kind: str, build: Callable[[dict, nn.Module], nn.Module]) -> None:
+    """Register ``build(spec, original_experts) -> empty module`` for experts modules of ``kind``."""
+    _KINDS[kind] = build
+
+
+def _replaced_modules(model: nn.Module) -> dict[str, dict]:
+    """Per MoE layer, what a fresh model built from the config would get wrong."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with torch.device("meta"), no_init_weights():
+        fresh = {layer.index: layer for layer in moe_layers(AutoModelForCausalLM.from_config(model.config))}
+    manifest = {}
+    for layer in moe_layers(model):
+        entry = {}
+        kind = getattr(layer.experts, "kind", None)
+        if kind is not None:
+            entry["experts"] = {"kind": kind, "spec": layer.experts.spec()}
+        if layer.shared is not None and layer.shared_intermediate_size != fresh[layer.index].shared_intermediate_size:
+            entry["shared_intermediate_size"] = layer.shared_intermediate_size
+        if entry:
+            manifest[str(layer.index)] = entry
+    return manifest
+
+
+def save(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model`` (compressed or not) to directory ``path``; see :func:`load`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    tensors = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+        if tensor.numel() and hash(key) in seen:  # tied weights (e.g. embeddings) are stored once
+            continue
+        seen[hash(key)] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+    manifest = _replaced_modules(model)
+    if manifest:
+        info = {"version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype), "layers": manifest}
+        (path / MANIFEST).write_text(json.dumps(info, indent=1))
+    elif (path / MANIFEST).exists():
+        (path / MANIFEST).unlink()
+    return path
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by :func:`save` (or by ``save_pretrained``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not a model directory: it needs config.json and {WEIGHTS}.")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        state = load_file(str(path / WEIGHTS), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} holds an unreadable config or weights file ({err}).") from err
+    info = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None
+    if info is not None and info.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / MANIFEST} has format version {info.get('version')}; expected {FORMAT_VERSION}.")
+    saved_dtype = getattr(torch, info["dtype"].split(".")[-1]) if info else None
+    with no_init_weights():  # every tensor is overwritten from the file below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype or config.dtype)
+    if info is not None:
+        architecture_spec(model)
+        by_index = {layer.index: layer for layer in moe_layers(model)}
+        for index, entry in info["layers"].items():
+            layer = by_index.get(int(index))
+            kind = entry.get("experts", {}).get("kind")
+            if layer is None or (kind is not None and kind not in _KINDS):
+                raise CheckpointError(
+                    f"{path / MANIFEST} names MoE layer {index} (experts kind {kind!r}), which this config/camera_pl "
+                    "cannot rebuild (mismatched config, or a camera_pl version without that kind)."
+                )
+            if kind is not None:
+                setattr(layer.block, layer.spec.experts, _KINDS[kind](entry["experts"]["spec"], layer.experts))
+            if "shared_intermediate_size" in entry:
+                keep = torch.zeros(layer.shared_intermediate_size, dtype=torch.bool)
+                keep[: entry["shared_intermediate_size"]] = True
+                shrink_shared(layer, keep)  # shapes only: the weights come from the file
+    model = model.to(device)
+    missing, unexpected = _load_state(model, state)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+        )
+    if dtype is not None:
+        model = model.to(dtype)
+    model.tie_weights()
+    return model.eval()
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:
+    own = model.state_dict()
+    tied = {k for k in own if k not in state and getattr(model.config, "tie_word_embeddings", False)
+            and k.endswith("lm_head.weight")}
+    missing = set(own) - set(state) - tied
+    unexpected = set(state) - set(own)
+    for name, value in state.items():
+        if name in own and own[name].shape != value.shape:
+            raise CheckpointError(f"Tensor {name} has shape {tuple(value.shape)} on disk but {tuple(own[name].shape)} "
+                                  "in the rebuilt model: the directory's config and weights disagree.")
+    model.load_state_dict(state, strict=False)
+    return missing, unexpected

@@ -1,0 +1,179 @@
+"""CAMERA-P: real structural removal equals masking; save/load; baselines; errors."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import camera_pl
+from camera_pl import collect_stats, moe_layers, prune
+from camera_pl.ragged import RaggedExperts
+from camera_pl.testing import tiny_moe
+
+from conftest import make_batch
+
+
+def surviving(original: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Which columns of ``original [H, I]`` survive in ``pruned [H, I']`` (matched by value)."""
+    return (original.t()[:, None, :] == pruned.t()[None]).all(-1).any(1)
+
+
+def kept_masks(model, reference):
+    """Keep masks in original indices, found by matching weights: routed [E, I] and shared [I_s]."""
+    routed, shared = {}, {}
+    for layer, ref in zip(moe_layers(model), moe_layers(reference)):
+        routed[layer.index] = torch.stack([surviving(ref.down(e), layer.down(e)) for e in range(ref.num_experts)])
+        if layer.shared is not None:
+            shared[layer.index] = surviving(ref.shared.down_proj.weight, layer.shared.down_proj.weight)
+    return routed, shared
+
+
+def zero_pruned(model, masks, shared_keep):
+    """The same pruning by masking: zero the down-projection column of every removed micro-expert."""
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            _, _, down = layer.stacked_weights()
+            down.mul_(masks[layer.index][:, None, :].to(down.dtype))
+            if layer.shared is not None:
+                layer.shared.down_proj.weight.mul_(shared_keep[layer.index][None, :].to(down.dtype))
+
+
+@pytest.mark.parametrize("allocation", ["layer", "expert", "global"])
+def test_structural_pruning_equals_zeroing(arch, allocation):
+    batch = make_batch()
+    model = tiny_moe(arch)
+    reference = tiny_moe(arch)
+    stats = collect_stats(model, [batch])
+    params_before = sum(p.numel() for p in model.parameters())
+    report = prune(model, stats, 0.5, allocation=allocation)
+    masks, shared_keep = kept_masks(model, reference)
+    zero_pruned(reference, masks, shared_keep)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+    removed = sum((~m).sum().item() for m in masks.values())
+    per_micro = 3 * model.config.hidden_size + (2 if moe_layers(model)[0].has_bias else 0)
+    shared_removed = sum((~k).sum().item() for k in shared_keep.values()) * 3 * model.config.hidden_size
+    assert params_before - sum(p.numel() for p in model.parameters()) == removed * per_micro + shared_removed
+    assert report.params_removed == removed * per_micro + shared_removed
+    n_total = sum(m.numel() for m in masks.values()) + sum(k.numel() for k in shared_keep.values())
+    if allocation == "layer":
+        assert removed * per_micro + shared_removed > 0
+        for layer in report.layers:
+            n = sum(layer.widths_before) + layer.shared_before
+            assert sum(layer.widths_after) + layer.shared_after == n - int(0.5 * n)
+    assert all(min(layer.widths_after) >= 1 for layer in report.layers)
+    if allocation != "expert":
+        assert any(isinstance(layer.experts, RaggedExperts) for layer in moe_layers(model))
+    assert n_total > 0
+
+
+def test_state_dict_bytes_drop_by_removed_params():
+    model = tiny_moe("qwen3_moe")
+    stats = collect_stats(model, [make_batch()])
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    report = prune(model, stats, 0.4)
+    after = model.state_dict()
+    bookkeeping = sum(t.numel() * t.element_size() for k, t in after.items() if k.endswith((".channels", ".widths")))
+    after_bytes = sum(t.numel() * t.element_size() for t in after.values())
+    assert before - (after_bytes - bookkeeping) == report.params_removed * 4
+
+
+def test_save_load_roundtrip_ragged_and_plain(tmp_path):
+    batch = make_batch()
+    for arch in ("qwen2_moe", "gpt_oss", "deepseek_v3"):
+        model = tiny_moe(arch)
+        prune(model, collect_stats(model, [batch]), 0.4, allocation="layer")
+        camera_pl.save(model, tmp_path / arch)
+        loaded = camera_pl.load(tmp_path / arch)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    # expert allocation keeps the fused layout: plain transformers loading works too
+    model = tiny_moe("qwen2_moe")
+    prune(model, collect_stats(model, [batch]), 0.5, allocation="expert")
+    model.save_pretrained(tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, plain(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_corrupt_checkpoint_errors(tmp_path):
+    with pytest.raises(camera_pl.CheckpointError, match="config.json"):
+        camera_pl.load(tmp_path)
+    model = tiny_moe("qwen3_moe")
+    prune(model, collect_stats(model, [make_batch()]), 0.4)
+    camera_pl.save(model, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(camera_pl.CheckpointError, match="unreadable"):
+        camera_pl.load(tmp_path / "m")
+
+
+def test_expert_level_baselines_remove_experts_and_router_rows():
+    batch = make_batch()
+    for method in ("frequency", "reap", "ean"):
+        model = tiny_moe("qwen3_moe")
+        report = prune(model, collect_stats(model, [batch]), 0.25, method=method)
+        assert all(len(layer.experts_removed) == 2 for layer in report.layers)
+        for layer in moe_layers(model):
+            assert layer.num_experts == 6 and layer.router.weight.shape[0] == 6
+        assert model.config.num_experts == 6
+        assert model(**batch).logits.isfinite().all()
+
+
+def test_allow_expert_removal_and_width_floor():
+    batch = make_batch()
+    model = tiny_moe("mixtral")
+    report = prune(model, collect_stats(model, [batch]), 0.9)
+    assert all(min(layer.widths_after) >= 1 for layer in report.layers)
+    model = tiny_moe("mixtral")
+    stats = collect_stats(model, [batch])
+    with torch.no_grad():  # make expert 0 useless everywhere so it is emptied
+        for index in stats.layers:
+            stats.layers[index]["sq_sum"][0] = 0
+            stats.layers[index]["sq_max"][0] = 0
+    report = prune(model, stats, 0.5, allow_expert_removal=True)
+    assert all(0 in layer.experts_removed for layer in report.layers)
+    assert model(**batch).logits.isfinite().all()
+
+
+def test_sequential_calibration_runs_layer_by_layer():
+    batch = make_batch()
+    model = tiny_moe("olmoe")
+    report = prune(model, None, 0.3, sequential=True, calib_dataloader=[batch])
+    assert all(sum(layer.widths_after) < sum(layer.widths_before) for layer in report.layers)
+
+
+def test_gradual_pruning_counts_earlier_removals():
+    batch = make_batch()
+    model = tiny_moe("qwen3_moe")
+    stats = collect_stats(model, [batch])
+    prune(model, stats, 0.2)
+    report = prune(model, collect_stats(model, [batch]), 0.4)
+    for layer in report.layers:
+        total = 8 * 16
+        assert sum(layer.widths_after) == total - int(0.4 * total)
+
+
+def test_bad_inputs():
+    model = tiny_moe("qwen3_moe")
+    stats = collect_stats(model, [make_batch()])
+    with pytest.raises(ValueError, match=r"ratio must lie in \[0, 1\)"):
+        prune(model, stats, 1.0)
+    with pytest.raises(ValueError, match="needs statistics"):
+        prune(model, None, 0.2)
+    with pytest.raises(ValueError, match="allocation"):
+        prune(model, stats, 0.2, allocation="diagonal")
+    with pytest.raises(camera_pl.StatsMismatchError):
+        prune(tiny_moe("mixtral"), stats, 0.2)
+    with pytest.raises(ValueError, match="n_group"):
+        ds = tiny_moe("deepseek_v3")
+        prune(ds, collect_stats(ds, [make_batch()]), 0.3, method="frequency")
+
+
+def test_pruned_model_trains_in_bf16():
+    model = tiny_moe("gpt_oss", dtype=torch.bfloat16)
+    batch = make_batch()
+    prune(model, collect_stats(model, [batch]), 0.5)
+    model.train()
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    ragged = [layer.experts for layer in moe_layers(model)]
+    assert all(r.up.grad is not None and r.up.dtype == torch.bfloat16 for r in ragged)
