@@ -44,6 +44,12 @@ class CausalLMModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild pruned shapes recorded by CameraPruning before Lightning loads the weights."""
+        from camera_pl.callbacks.pruning import restore_structure
+
+        restore_structure(self.model, checkpoint)
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -1,12 +1,13 @@
 """Save and load compressed models as Hugging Face directories.
 
 ``camera_pl.save`` writes ``config.json`` + ``model.safetensors`` like ``save_pretrained``
-and, when some MoE layers hold camera_pl expert modules (ragged after pruning, packed after
-quantization), a ``camera_pl.json`` naming each replaced module's kind and its
-construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
+and a ``camera_pl.json`` describing each MoE layer's structure: expert count, expert width,
+or — for camera_pl expert modules (ragged after pruning, packed after quantization) — the
+module's kind and construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
 modules of the recorded kinds and loads the weights strictly, so any missing, extra or
 misshapen tensor is an error. A directory without ``camera_pl.json`` is a plain
-transformers checkpoint.
+transformers checkpoint. The same structure description travels in Lightning checkpoints
+(see :class:`camera_pl.callbacks.CameraPruning`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from camera_pl.adapters import architecture_spec, moe_layers
+from camera_pl.adapters import moe_layers
 from camera_pl.ragged import build_ragged
-from camera_pl.surgery import shrink_shared
+from camera_pl.surgery import remove_experts, shrink_fused, shrink_shared
 
 MANIFEST = "camera_pl.json"
 WEIGHTS = "model.safetensors"
@@ -49,24 +50,47 @@ def register_experts_kind(kind: str, build: Callable[[dict, nn.Module], nn.Modul
     _KINDS[kind] = build
 
 
-def _replaced_modules(model: nn.Module) -> dict[str, dict]:
-    """Per MoE layer, what a fresh model built from the config would get wrong."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    with torch.device("meta"), no_init_weights():
-        fresh = {layer.index: layer for layer in moe_layers(AutoModelForCausalLM.from_config(model.config))}
-    manifest = {}
+def describe_structure(model: nn.Module) -> dict[str, dict]:
+    """Per MoE layer: expert count, expert width (fused) or experts kind + spec, shared width."""
+    out = {}
     for layer in moe_layers(model):
-        entry = {}
+        entry: dict = {"num_experts": layer.num_experts, "shared_intermediate_size": layer.shared_intermediate_size}
         kind = getattr(layer.experts, "kind", None)
         if kind is not None:
             entry["experts"] = {"kind": kind, "spec": layer.experts.spec()}
-        if layer.shared is not None and layer.shared_intermediate_size != fresh[layer.index].shared_intermediate_size:
-            entry["shared_intermediate_size"] = layer.shared_intermediate_size
-        if entry:
-            manifest[str(layer.index)] = entry
-    return manifest
+        else:
+            entry["intermediate_size"] = layer.intermediate_size
+        out[str(layer.index)] = entry
+    return out
+
+
+def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
+    """Reshape ``model``'s MoE layers (weights arbitrary) to ``structure``, so a state dict of that shape loads."""
+    by_index = {layer.index: layer for layer in moe_layers(model)}
+    for index, entry in structure.items():
+        layer = by_index.get(int(index))
+        kind = entry.get("experts", {}).get("kind")
+        if layer is None or (kind is not None and kind not in _KINDS):
+            raise CheckpointError(
+                f"The saved structure names MoE layer {index} (experts kind {kind!r}), which this model/camera_pl "
+                "cannot rebuild (mismatched config, or a camera_pl version without that kind)."
+            )
+        if entry["num_experts"] != layer.num_experts:
+            keep = torch.zeros(layer.num_experts, dtype=torch.bool)
+            keep[: entry["num_experts"]] = True
+            remove_experts(layer, keep)
+        if kind is not None:
+            new = _KINDS[kind](entry["experts"]["spec"], layer.experts)
+            setattr(layer.block, layer.spec.experts, new)
+            layer.experts = new
+        elif entry["intermediate_size"] != layer.intermediate_size:
+            keep = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
+            keep[:, : entry["intermediate_size"]] = True
+            shrink_fused(layer, keep)
+        if layer.shared is not None and entry["shared_intermediate_size"] != layer.shared_intermediate_size:
+            keep = torch.zeros(layer.shared_intermediate_size, dtype=torch.bool)
+            keep[: entry["shared_intermediate_size"]] = True
+            shrink_shared(layer, keep)
 
 
 def save(model: nn.Module, path: str | Path) -> Path:
@@ -83,12 +107,9 @@ def save(model: nn.Module, path: str | Path) -> Path:
         seen[hash(key)] = name
         tensors[name] = tensor.detach().contiguous().cpu()
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-    manifest = _replaced_modules(model)
-    if manifest:
-        info = {"version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype), "layers": manifest}
-        (path / MANIFEST).write_text(json.dumps(info, indent=1))
-    elif (path / MANIFEST).exists():
-        (path / MANIFEST).unlink()
+    info = {"version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype),
+            "layers": describe_structure(model)}
+    (path / MANIFEST).write_text(json.dumps(info, indent=1))
     return path
 
 
@@ -112,22 +133,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     with no_init_weights():  # every tensor is overwritten from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype or config.dtype)
     if info is not None:
-        architecture_spec(model)
-        by_index = {layer.index: layer for layer in moe_layers(model)}
-        for index, entry in info["layers"].items():
-            layer = by_index.get(int(index))
-            kind = entry.get("experts", {}).get("kind")
-            if layer is None or (kind is not None and kind not in _KINDS):
-                raise CheckpointError(
-                    f"{path / MANIFEST} names MoE layer {index} (experts kind {kind!r}), which this config/camera_pl "
-                    "cannot rebuild (mismatched config, or a camera_pl version without that kind)."
-                )
-            if kind is not None:
-                setattr(layer.block, layer.spec.experts, _KINDS[kind](entry["experts"]["spec"], layer.experts))
-            if "shared_intermediate_size" in entry:
-                keep = torch.zeros(layer.shared_intermediate_size, dtype=torch.bool)
-                keep[: entry["shared_intermediate_size"]] = True
-                shrink_shared(layer, keep)  # shapes only: the weights come from the file
+        apply_structure(model, info["layers"])
     model = model.to(device)
     missing, unexpected = _load_state(model, state)
     if missing or unexpected:
