@@ -22,11 +22,10 @@ IMPLEMENTATION = "camera_pl"
 
 
 class ExpertsObserver(Protocol):
-    """Receives what one experts forward computed, for all (token, slot) pairs at once."""
+    """Receives what one experts forward computed, for all (token, slot) pairs sorted by expert."""
 
-    def observe(
-        self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, acts: torch.Tensor, out_norms: torch.Tensor
-    ) -> None: ...
+    def observe(self, expert_ids: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor, acts: torch.Tensor,
+                out_norms: torch.Tensor, top_k_weights: torch.Tensor) -> None: ...
 
 
 def expert_activation(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -59,34 +58,49 @@ def camera_experts_forward(
 ) -> torch.Tensor:
     """Routed experts, one matmul pair per hit expert; reports activations to ``self._camera_observer``.
 
-    Per-slot outputs are weighted and summed over the top-k slots in the same order and dtype
-    as transformers' batched/grouped implementations, so logits agree with them to float
-    rounding of the matmul kernels (~1e-6 in fp32).
+    (token, slot) pairs are sorted by expert so each expert reads one contiguous block; per-slot
+    outputs are weighted and summed over the top-k slots in the same order and dtype as
+    transformers' batched/grouped implementations, so logits agree with them to float rounding
+    of the matmul kernels (~1e-6 in fp32). Expert ids >= num_experts (expert-parallel
+    sentinels, or slots switched off by dynamic pruning) are skipped.
     """
     observer: ExpertsObserver | None = getattr(self, "_camera_observer", None)
     num_tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert_ids = flat[order]
+    token_ids = order // top_k
+    weights = top_k_weights.reshape(-1)[order]
+    x = hidden_states[token_ids]
     out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-    slots = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1], dtype=out_dtype)
+    out_sorted = x.new_zeros(flat.numel(), hidden_states.shape[-1], dtype=out_dtype)
+    counts = torch.bincount(expert_ids.clamp(max=self.num_experts), minlength=self.num_experts + 1)
+    ends = counts.cumsum(0).tolist()  # the one host sync
     acts = norms = None
-    for e in torch.unique(top_k_index).tolist():
-        if e >= self.num_experts:  # expert-parallel sentinel: not a local expert
+    if observer is not None:
+        acts = x.new_zeros(flat.numel(), observer.layer.intermediate_size)
+        norms = x.new_zeros(flat.numel(), dtype=torch.float32)
+    start = 0
+    for e in range(self.num_experts):
+        end = ends[e]
+        if end == start:
             continue
-        tok, slot = torch.where(top_k_index == e)
-        a = expert_activation(self, e, hidden_states[tok])
+        a = expert_activation(self, e, x[start:end])
         out = expert_output(self, e, a)
-        slots[tok, slot] = out * top_k_weights[tok, slot, None]
+        out_sorted[start:end] = out * weights[start:end, None]
         if observer is not None:
-            if acts is None:
-                acts = a.new_zeros(num_tokens, top_k, observer.layer.intermediate_size)
-                norms = out.new_zeros(num_tokens, top_k, dtype=torch.float32)
-            if hasattr(self, "expert_channels"):  # pruned expert: scatter back to original channel indices
-                acts[tok[:, None], slot[:, None], self.expert_channels(e)[None, :]] = a
+            if hasattr(self, "expert_channels"):  # pruned expert: back to original channel indices
+                acts[start:end, self.expert_channels(e)] = a
             else:
-                acts[tok, slot] = a
-            norms[tok, slot] = torch.linalg.vector_norm(out.float(), dim=-1)
-    if observer is not None and acts is not None:
-        observer.observe(top_k_index, top_k_weights, acts, norms)
-    return slots.sum(dim=1).to(hidden_states.dtype)
+                acts[start:end] = a
+            norms[start:end] = torch.linalg.vector_norm(out.float(), dim=-1)
+        start = end
+    if observer is not None:
+        valid = slice(0, ends[self.num_experts - 1])
+        observer.observe(expert_ids[valid], token_ids[valid], weights[valid], acts[valid], norms[valid], top_k_weights)
+    slots = torch.empty_like(out_sorted)
+    slots[order] = out_sorted
+    return slots.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, camera_experts_forward)

@@ -88,25 +88,22 @@ class LayerObserver:
     def _state(self, name: str) -> torch.Tensor:
         return self.acc.state(self.layer.index, name)
 
-    def observe(
-        self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, acts: torch.Tensor, out_norms: torch.Tensor
-    ) -> None:
-        """Routed experts: called by camera_pl's experts forward with all (token, slot) pairs."""
-        mask = self.observation.token_mask(top_k_index.shape[0], top_k_index.device)
-        valid = (top_k_index < self.layer.num_experts) & mask[:, None]
-        idx = top_k_index.clamp(max=self.layer.num_experts - 1).reshape(-1)
-        keep = valid.float()
-        g = top_k_weights.float() * keep
-        a = acts.float()
-        inter = a.shape[-1]
-        ga2 = ((g[..., None] * a) ** 2).reshape(-1, inter)
-        self._state("sq_sum").index_add_(0, idx, ga2)
-        self._state("sq_max").scatter_reduce_(0, idx[:, None].expand(-1, inter), ga2, reduce="amax")
-        self._state("act_sq_sum").index_add_(0, idx, (a**2 * keep[..., None]).reshape(-1, inter))
-        self._state("count").index_add_(0, idx, keep.reshape(-1))
-        self._state("weight_sum").index_add_(0, idx, g.reshape(-1))
-        self._state("out_norm_sum").index_add_(0, idx, (out_norms * keep).reshape(-1))
-        self._state("weighted_out_norm_sum").index_add_(0, idx, (out_norms * g).reshape(-1))
+    def observe(self, expert_ids: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor, acts: torch.Tensor,
+                out_norms: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        """Routed experts: called by camera_pl's experts forward with (token, slot) pairs sorted by expert."""
+        mask = self.observation.token_mask(top_k_weights.shape[0], top_k_weights.device)
+        keep = mask[token_ids].float()
+        g = weights.float() * keep
+        a2 = acts.float().square()
+        ga2 = a2 * g.square()[:, None]
+        inter = a2.shape[-1]
+        self._state("sq_sum").index_add_(0, expert_ids, ga2)
+        self._state("sq_max").scatter_reduce_(0, expert_ids[:, None].expand(-1, inter), ga2, reduce="amax")
+        self._state("act_sq_sum").index_add_(0, expert_ids, a2 * keep[:, None])
+        self._state("count").index_add_(0, expert_ids, keep)
+        self._state("weight_sum").index_add_(0, expert_ids, g)
+        self._state("out_norm_sum").index_add_(0, expert_ids, out_norms * keep)
+        self._state("weighted_out_norm_sum").index_add_(0, expert_ids, out_norms * g)
         if top_k_weights.shape[1] >= 2:
             top2 = top_k_weights.float().topk(2, dim=-1).values
             ratio = top2[:, 1] / top2[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
