@@ -53,53 +53,80 @@ def expert_output(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _grouped_mm_ok(experts: nn.Module, x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM can run this fused experts module (else: one matmul pair per expert)."""
+    if not hasattr(nn.functional, "grouped_mm") or hasattr(experts, "expert_activation"):
+        return False
+    if getattr(experts, "has_post_expert_norm", False) or not getattr(experts, "has_gate", True):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    size = x.element_size()
+    return all(d * size % 16 == 0 for d in (*experts.gate_up_proj.shape[1:], *experts.down_proj.shape[1:]))
+
+
+def _sorted_activations(self: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
+                        ends: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``[S, I]`` and outputs ``[S, H]`` of rows ``x`` sorted by expert (``ends``: cumulative counts)."""
+    if _grouped_mm_ok(self, x):
+        offsets = torch.tensor(ends[: self.num_experts], dtype=torch.int32, device=x.device)
+        w_up = self.gate_up_proj if self.is_transposed else self.gate_up_proj.transpose(1, 2)
+        proj = nn.functional.grouped_mm(x, w_up, offs=offsets)
+        if self.has_bias:
+            proj = proj + self.gate_up_proj_bias[expert_ids]
+        a = self._apply_gate(proj)
+        w_down = self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2)
+        out = nn.functional.grouped_mm(a, w_down, offs=offsets)
+        if self.has_bias:
+            out = out + self.down_proj_bias[expert_ids]
+        return a, out
+    acts, outs, start = [], [], 0
+    for e in range(self.num_experts):
+        end = ends[e]
+        if end > start:
+            a = expert_activation(self, e, x[start:end])
+            outs.append(expert_output(self, e, a))
+            if hasattr(self, "expert_channels"):  # pruned expert: back to original channel indices
+                full = a.new_zeros(end - start, self.intermediate_size)
+                full[:, self.expert_channels(e)] = a
+                a = full
+            acts.append(a)
+        start = end
+    return torch.cat(acts), torch.cat(outs)
+
+
 def camera_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Routed experts, one matmul pair per hit expert; reports activations to ``self._camera_observer``.
+    """Routed experts over (token, slot) pairs sorted by expert; reports activations to ``self._camera_observer``.
 
-    (token, slot) pairs are sorted by expert so each expert reads one contiguous block; per-slot
-    outputs are weighted and summed over the top-k slots in the same order and dtype as
-    transformers' batched/grouped implementations, so logits agree with them to float rounding
-    of the matmul kernels (~1e-6 in fp32). Expert ids >= num_experts (expert-parallel
-    sentinels, or slots switched off by dynamic pruning) are skipped.
+    Fused experts run torch's grouped GEMM where it applies (CPU, CUDA bf16), others one
+    matmul pair per hit expert. Per-slot outputs are weighted and summed over the top-k slots
+    in the same order and dtype as transformers' implementations, so logits agree with them
+    to float rounding of the kernels (~1e-6 in fp32). Expert ids >= num_experts
+    (expert-parallel sentinels, or slots switched off by dynamic pruning) are skipped.
     """
     observer: ExpertsObserver | None = getattr(self, "_camera_observer", None)
     num_tokens, top_k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     expert_ids = flat[order]
-    token_ids = order // top_k
-    weights = top_k_weights.reshape(-1)[order]
-    x = hidden_states[token_ids]
-    out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-    out_sorted = x.new_zeros(flat.numel(), hidden_states.shape[-1], dtype=out_dtype)
     counts = torch.bincount(expert_ids.clamp(max=self.num_experts), minlength=self.num_experts + 1)
     ends = counts.cumsum(0).tolist()  # the one host sync
-    acts = norms = None
+    valid = ends[self.num_experts - 1]
+    order_v, expert_v = order[:valid], expert_ids[:valid]
+    token_ids = order_v // top_k
+    weights = top_k_weights.reshape(-1)[order_v]
+    acts, out = _sorted_activations(self, hidden_states[token_ids], expert_v, ends)
     if observer is not None:
-        acts = x.new_zeros(flat.numel(), observer.layer.intermediate_size)
-        norms = x.new_zeros(flat.numel(), dtype=torch.float32)
-    start = 0
-    for e in range(self.num_experts):
-        end = ends[e]
-        if end == start:
-            continue
-        a = expert_activation(self, e, x[start:end])
-        out = expert_output(self, e, a)
-        out_sorted[start:end] = out * weights[start:end, None]
-        if observer is not None:
-            if hasattr(self, "expert_channels"):  # pruned expert: back to original channel indices
-                acts[start:end, self.expert_channels(e)] = a
-            else:
-                acts[start:end] = a
-            norms[start:end] = torch.linalg.vector_norm(out.float(), dim=-1)
-        start = end
-    if observer is not None:
-        valid = slice(0, ends[self.num_experts - 1])
-        observer.observe(expert_ids[valid], token_ids[valid], weights[valid], acts[valid], norms[valid], top_k_weights)
-    slots = torch.empty_like(out_sorted)
-    slots[order] = out_sorted
+        norms = torch.linalg.vector_norm(out.float(), dim=-1)
+        observer.observe(expert_v, token_ids, weights, acts, norms, top_k_weights)
+    out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+    slots = hidden_states.new_zeros(flat.numel(), hidden_states.shape[-1], dtype=out_dtype)
+    slots[order_v] = out * weights[:, None]
     return slots.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 

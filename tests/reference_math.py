@@ -34,7 +34,7 @@ def dense_layer(layer: MoELayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         logits, weights, index = layer.route(x)
         T, E = x.shape[0], layer.num_experts
-        g = torch.zeros(T, E, dtype=torch.float64).scatter(1, index, weights.double())
+        g = torch.zeros(T, E, dtype=torch.float64, device=x.device).scatter(1, index, weights.double())
         gate, up, down = layer.stacked_weights()
         biases = layer.stacked_biases()
         up_proj = torch.einsum("th,eih->tei", x.double(), up.double())
@@ -58,7 +58,7 @@ def dense_layer(layer: MoELayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if layer.shared is not None:
             s = layer.shared
             shared_a = s.act_fn(s.gate_proj(x).double()) * s.up_proj(x).double()
-            shared_g = torch.ones(T, dtype=torch.float64)
+            shared_g = torch.ones(T, dtype=torch.float64, device=x.device)
             if layer.shared_gate is not None:
                 shared_g = layer.shared_gate_values(x).double()
             y = y + shared_g[:, None] * (shared_a @ s.down_proj.weight.double().t())

@@ -1,0 +1,95 @@
+"""Forward latency and memory of CAMERA-P-pruned models against the dense model.
+
+Builds a Qwen3-MoE with random weights (sizes below), collects statistics on random tokens,
+prunes copies at 20/40/60% with the `layer` allocation (ragged experts) and the `expert`
+allocation (fused layout kept), and measures side by side in one run: median forward
+latency over repeated runs, expert-weight bytes and (on CUDA) peak allocated memory of one
+forward. Dense runs with transformers' default experts kernels (grouped_mm); ragged layers
+run camera_pl's per-expert forward.
+
+    python benchmarks/pruning_speed.py [--device cuda] [--dtype bfloat16] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from camera_pl import collect_stats, prune
+from camera_pl.prune import expert_params
+from camera_pl.adapters import moe_layers
+
+
+def build(args, dtype) -> torch.nn.Module:
+    config = Qwen3MoeConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                            moe_intermediate_size=args.inter, num_hidden_layers=args.layers, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=args.hidden // 8, num_experts=args.experts,
+                            num_experts_per_tok=args.top_k, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device).eval()
+
+
+def measure(model, batch, device: str, repeats: int) -> tuple[float, float | None]:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            model(**batch, use_cache=False)
+            sync()
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda") else None
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--inter", type=int, default=256)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    dense = build(args, dtype)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 8192, (args.batch, args.seq), generator=gen).to(args.device)}
+    stats = collect_stats(dense, [batch])
+    rows = []
+    t_dense, m_dense = measure(dense, batch, args.device, args.repeats)
+    bytes_dense = sum(expert_params(l) for l in moe_layers(dense)) * dense.dtype.itemsize
+    rows.append(("dense", "-", t_dense, m_dense, bytes_dense))
+    for ratio in (0.2, 0.4, 0.6):
+        for allocation in ("layer", "expert"):
+            model = copy.deepcopy(dense)
+            prune(model, stats, ratio, allocation=allocation)
+            t, m = measure(model, batch, args.device, args.repeats)
+            rows.append((f"{int(ratio * 100)}%", allocation, t, m, sum(expert_params(l) for l in moe_layers(model)) * dense.dtype.itemsize))
+            del model
+    print(f"pruning_speed: Qwen3-MoE {args.layers} layers x {args.experts} experts (I={args.inter}, H={args.hidden}, "
+          f"top-{args.top_k}), {args.dtype} on {args.device}, batch {args.batch}x{args.seq} tokens, "
+          f"median of {args.repeats} forwards")
+    print("| pruned | allocation | forward ms | speed-up vs dense | expert MiB | peak MiB (CUDA) |")
+    print("|---|---|---|---|---|---|")
+    for name, alloc, t, m, b in rows:
+        peak = "n/a" if m is None else f"{m:.0f}"
+        print(f"| {name} | {alloc} | {t * 1e3:.1f} | {t_dense / t:.2f}x | {b / 2**20:.1f} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The same checks on CUDA in bf16 (skipped without a GPU)."""
+
+import pytest
+import torch
+
+import camera_pl
+from camera_pl import collect_stats, moe_layers, prune
+from camera_pl.observation import observe
+from camera_pl.testing import tiny_moe
+
+from conftest import make_batch
+from test_stats import brute_force_stats
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GPU_ARCHS = ["qwen2_moe", "deepseek_v3", "gpt_oss", "mixtral"]
+
+
+def cuda_batch():
+    return {k: v.cuda() for k, v in make_batch().items()}
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_bf16_cuda_observation_exact_and_stats_match_brute_force(arch):
+    model = tiny_moe(arch, dtype=torch.bfloat16).cuda()
+    batch = cuda_batch()
+    with torch.no_grad():
+        default = model(**batch).logits
+        model.set_experts_implementation("camera_pl")
+        plain = model(**batch).logits
+        with observe(model) as obs:
+            obs.set_attention_mask(batch["attention_mask"], batch["input_ids"])
+            observed = model(**batch).logits
+    assert torch.equal(plain, observed)
+    torch.testing.assert_close(observed.float(), default.float(), rtol=0.05, atol=0.05)
+    stats = collect_stats(model, [batch])
+    for entry in stats.layers.values():
+        assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in entry.values())
+    expected = brute_force_stats(model, batch)
+    for index, exp in expected.items():
+        for name in ("sq_sum", "count", "weight_sum", "prob_sum"):
+            got, want = stats.layers[index][name].double().cpu(), exp[name].cpu()
+            torch.testing.assert_close(got, want, rtol=0.05, atol=1e-3 * float(want.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_bf16_cuda_prune_train_save_load(arch, tmp_path):
+    model = tiny_moe(arch, dtype=torch.bfloat16).cuda()
+    batch = cuda_batch()
+    report = prune(model, collect_stats(model, [batch]), 0.4)
+    assert report.params_removed > 0
+    assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in model.parameters())
+    model.train()
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    camera_pl.save(model, tmp_path / arch)
+    loaded = camera_pl.load(tmp_path / arch, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
