@@ -1,0 +1,59 @@
+"""LoRA recovery: adapters on attention and (fused or ragged) experts, merging, recovery in a Trainer."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from camera_pl import collect_stats, prune
+from camera_pl.callbacks import CameraPruning, MicroExpertStatsCallback
+from camera_pl.lightning_module import CausalLMModule
+from camera_pl.recovery import LoRARecovery, LoRASettings, add_lora, expert_parameter_targets, merge_lora, recover
+from camera_pl.testing import tiny_moe
+
+from conftest import make_batch
+from ddp_stats_script import samples
+
+
+@pytest.mark.parametrize("allocation", ["layer", "expert"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss"])
+def test_merged_equals_adapter_model(arch, allocation):
+    batch = make_batch()
+    model = tiny_moe(arch)
+    prune(model, collect_stats(model, [batch]), 0.5, allocation=allocation)
+    targets = expert_parameter_targets(model)
+    assert targets and all(t.startswith("experts.") for t in targets)
+    peft_model = add_lora(model, LoRASettings(rank=4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained adapter, not the zero init
+        adapted = peft_model(**batch).logits
+        merged = merge_lora(peft_model)
+        torch.testing.assert_close(merged(**batch).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert type(merged).__name__.endswith("ForCausalLM")
+
+
+def test_recover_lowers_loss_after_pruning():
+    loader = torch.utils.data.DataLoader(samples(), batch_size=4)
+    model = tiny_moe("qwen3_moe")
+    prune(model, collect_stats(model, loader), 0.4)
+    before = CausalLMModule(model)._loss(next(iter(loader))).item()
+    model = recover(model, loader, steps=30, lr=3e-2, settings=LoRASettings(rank=8), accelerator="cpu")
+    after = CausalLMModule(model)._loss(next(iter(loader))).item()
+    assert after < before - 0.1
+
+
+def test_recovery_callback_after_scheduled_pruning():
+    loader = torch.utils.data.DataLoader(samples(), batch_size=2)
+    module = CausalLMModule(tiny_moe("qwen3_moe"), lr=1e-3)
+    recovery = LoRARecovery(LoRASettings(rank=4), steps=2, lr=1e-2)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, num_sanity_val_steps=0,
+                         callbacks=[MicroExpertStatsCallback(), CameraPruning({1: 0.3}), recovery], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert recovery.recoveries == 1 and module.lr == 1e-3
+    assert type(module.model).__name__ == "Qwen3MoeForCausalLM"  # merged back
+    assert all(p.requires_grad for p in module.model.parameters())
+    with pytest.raises(ValueError, match="rank"):
+        LoRASettings(rank=0)
