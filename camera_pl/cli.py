@@ -1,0 +1,85 @@
+"""``camera-pl``: run recipes, the demo, analysis and evaluation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def _recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = RECIPES / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise SystemExit(f"camera-pl: no recipe file {name!r}; give a path or one of the bundled recipes: {known}.")
+
+
+def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
+    from camera_pl.recipe import RecipeError, load_recipe
+    from camera_pl.runner import run_recipe
+
+    try:
+        recipe = load_recipe(_recipe_path(recipe_name), overrides)
+    except RecipeError as err:
+        raise SystemExit(f"camera-pl: {err}") from None
+    run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"camera-pl: running recipe {recipe.name!r} -> {run_dir}")
+    return run_recipe(recipe, run_dir, resume=resume), run_dir
+
+
+def _table(metrics: list[dict]) -> str:
+    cols = [c for c in ("params", "expert_params", "bytes", "perplexity", "next_line_acc", "docstring_match_acc")
+            if any(c in row for row in metrics)]
+    lines = ["| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in metrics:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append("" if v is None else f"{v:,.0f}" if c in ("params", "expert_params", "bytes") else f"{v:.3f}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="camera-pl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe (a YAML file, or a bundled recipe name)")
+    run.add_argument("recipe")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.batch_size=4")
+    run.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    demo = sub.add_parser("demo", help="compress_recover on the reference model and the stdlib corpus")
+    demo.add_argument("--out")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    analyze = sub.add_parser("analyze", help="statistics + the micro-expert analysis report")
+    analyze.add_argument("--model", default="reference")
+    analyze.add_argument("--out")
+    evaluate = sub.add_parser("eval", help="perplexity and multiple-choice accuracy of a model")
+    evaluate.add_argument("--model", default="reference")
+    evaluate.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        if args.resume and not args.out:
+            raise SystemExit("camera-pl: --resume needs --out naming the interrupted run's directory.")
+        ctx, run_dir = _run(args.recipe, args.set, args.out, args.resume)
+    elif args.command == "demo":
+        ctx, run_dir = _run("compress_recover", args.set, args.out, False)
+    elif args.command == "analyze":
+        ctx, run_dir = _run("analysis", [f"model.name={args.model}"], args.out, False)
+    else:
+        ctx, run_dir = _run("eval", [f"model.name={args.model}"], args.out, False)
+    if ctx.metrics:
+        print(_table(ctx.metrics))
+    print(f"camera-pl: outputs in {run_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,275 @@
+"""Recipe files: a YAML workflow with a validated schema.
+
+A recipe names the model, the data and an ordered list of steps::
+
+    name: compress_recover
+    model: {name: reference}
+    data: {source: stdlib, block_size: 128, batch_size: 8}
+    steps:
+      - stats: {max_tokens: 20000}
+      - evaluate: {label: dense}
+      - prune: {ratio: 0.4, method: camera, allocation: layer}
+      - recover: {steps: 100, lr: 0.001}
+      - save: {}
+
+Unknown keys and wrong types are errors naming the key, the file and the line. ``--set
+key=value`` overrides use dotted paths (``data.batch_size=4``, ``steps.2.prune.ratio=0.6``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe file or override is invalid; the message names the key and the line."""
+
+
+@dataclass
+class ModelSpec:
+    name: str = "reference"  # "reference", "tiny:<model_type>", a local directory or a hub name
+    dtype: str = "float32"
+
+
+@dataclass
+class DataSpec:
+    source: str = "stdlib"  # "stdlib", a local file/directory (text or JSON lines), or "hf:<name>"
+    hf_config: str | None = None
+    text_column: str = "text"
+    block_size: int = 128
+    batch_size: int = 8
+    max_documents: int | None = None
+    calib_batches: int = 16
+    eval_batches: int = 16
+    train_batches: int | None = None
+
+
+@dataclass
+class StatsStep:
+    max_tokens: int | None = 20000
+    reduce_ratio: float = 0.9
+
+
+@dataclass
+class PruneStep:
+    ratio: float = 0.4
+    method: str = "camera"
+    allocation: str = "layer"
+    sequential: bool = False
+    allow_expert_removal: bool = False
+
+
+@dataclass
+class RecoverStep:
+    steps: int = 100
+    lr: float = 1e-3
+    rank: int = 8
+    alpha: float = 16.0
+    experts: bool = True
+    merge: bool = True
+
+
+@dataclass
+class FinetuneStep:
+    epochs: int = 3
+    steps_per_epoch: int = 50
+    lr: float = 1e-4
+    schedule: dict[int, float] = field(default_factory=dict)  # epoch -> pruning ratio (gradual pruning)
+    method: str = "camera"
+    allocation: str = "layer"
+
+
+@dataclass
+class QuantizeStep:
+    method: str = "camera"
+    avg_bits: float | None = None
+    quantizer: str = "rtn"
+    group_size: int = 128
+
+
+@dataclass
+class EvaluateStep:
+    label: str = ""
+    perplexity: bool = True
+    tasks: list[str] = field(default_factory=lambda: ["next_line", "docstring_match"])
+    examples: int = 100
+
+
+@dataclass
+class AnalyzeStep:
+    top_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
+
+
+@dataclass
+class SaveStep:
+    subdir: str = "model"
+
+
+@dataclass
+class OdpStep:
+    protect_ratio: float = 0.02
+
+
+@dataclass
+class CompressedExpertsStep:
+    steps: int = 100
+    lr: float = 1e-3
+    main_experts: int | None = None
+
+
+STEP_TYPES: dict[str, type] = {
+    "stats": StatsStep, "prune": PruneStep, "recover": RecoverStep, "finetune": FinetuneStep,
+    "quantize": QuantizeStep, "evaluate": EvaluateStep, "analyze": AnalyzeStep, "save": SaveStep,
+    "odp": OdpStep, "compressed_experts": CompressedExpertsStep,
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    steps: list[tuple[str, Any]]
+    seed: int = 0
+    accelerator: str = "auto"
+    source: str = "<recipe>"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seed": self.seed, "accelerator": self.accelerator,
+                "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                "steps": [{kind: dataclasses.asdict(step)} for kind, step in self.steps]}
+
+
+# ---- parsing with line numbers ---------------------------------------------------------------
+def _plain(node: yaml.Node, lines: dict[int, int], path: tuple = ()) -> Any:
+    """Python value of a YAML node; records each mapping key's / sequence item's line by id(path)."""
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[hash(path + (key,))] = key_node.start_mark.line + 1
+            out[key] = _plain(value_node, lines, path + (key,))
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        out_list = []
+        for i, item in enumerate(node.value):
+            lines[hash(path + (i,))] = item.start_mark.line + 1
+            out_list.append(_plain(item, lines, path + (i,)))
+        return out_list
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(hint)
+        return isinstance(value, dict) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
+    return isinstance(value, hint)
+
+
+def _build(cls: type, data: Any, where: str, path: tuple, lines: dict[int, int], source: str) -> Any:
+    def line(p: tuple) -> str:
+        n = lines.get(hash(p))
+        return f"{source}:{n}" if n else source
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{line(path)}: '{where}' must be a mapping of options, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecipeError(f"{line(path + (key,))}: unknown key '{key}' in '{where}'; "
+                              f"valid keys: {', '.join(sorted(fields))}.")
+        if not _type_ok(value, hints[key]):
+            name = getattr(hints[key], "__name__", str(hints[key]))
+            raise RecipeError(f"{line(path + (key,))}: '{where}.{key}' must be {name}, got {value!r}.")
+    return cls(**data)
+
+
+def parse_recipe(data: dict, lines: dict[int, int] | None = None, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping (see the module docstring)."""
+    lines = lines or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with name, model, data and steps.")
+    allowed = {"name", "model", "data", "steps", "seed", "accelerator"}
+    for key in data:
+        if key not in allowed:
+            n = lines.get(hash((key,)))
+            raise RecipeError(f"{source}:{n}: unknown top-level key '{key}'; valid keys: {', '.join(sorted(allowed))}.")
+    if "steps" not in data or not isinstance(data["steps"], list) or not data["steps"]:
+        raise RecipeError(f"{source}: 'steps' must be a non-empty list of steps such as '- prune: {{ratio: 0.4}}'.")
+    steps = []
+    for i, entry in enumerate(data["steps"]):
+        n = lines.get(hash(("steps", i)))
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise RecipeError(f"{source}:{n}: each step is a one-key mapping like '- prune: {{ratio: 0.4}}'.")
+        (kind, options), = entry.items()
+        if kind not in STEP_TYPES:
+            raise RecipeError(f"{source}:{n}: unknown step '{kind}'; valid steps: {', '.join(STEP_TYPES)}.")
+        steps.append((kind, _build(STEP_TYPES[kind], options, kind, ("steps", i, kind), lines, source)))
+    for key, hint in (("seed", int), ("accelerator", str), ("name", str)):
+        if key in data and not _type_ok(data[key], hint):
+            raise RecipeError(f"{source}:{lines.get(hash((key,)))}: '{key}' must be {hint.__name__}, got {data[key]!r}.")
+    return Recipe(
+        name=data.get("name", Path(source).stem),
+        model=_build(ModelSpec, data.get("model"), "model", ("model",), lines, source),
+        data=_build(DataSpec, data.get("data"), "data", ("data",), lines, source),
+        steps=steps, seed=data.get("seed", 0), accelerator=data.get("accelerator", "auto"), source=source,
+    )
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to raw recipe data."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set expects key=value, got {assignment!r}.")
+    key, raw = assignment.split("=", 1)
+    parts = key.split(".")
+    target: Any = data
+    for part in parts[:-1]:
+        if isinstance(target, list):
+            if not part.isdigit() or int(part) >= len(target):
+                raise RecipeError(f"--set {key}: '{part}' is not a valid index into a list of {len(target)}.")
+            target = target[int(part)]
+        else:
+            target = target.setdefault(part, {})
+    last = parts[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(target, list):
+        raise RecipeError(f"--set {key}: cannot replace a whole step; set one of its options.")
+    target[last] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"No recipe file at {path}.")
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from err
+    lines: dict[int, int] = {}
+    data = _plain(node, lines) if node is not None else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_recipe(data, lines, str(path))

@@ -1,0 +1,284 @@
+"""Run a recipe: load model and data, execute its steps, write everything to a run directory.
+
+A run directory holds ``recipe.yaml`` (the resolved recipe), ``metrics.json`` and
+``metrics.csv`` (one row per evaluation), ``state.json`` (completed steps), plots, the
+analysis report and a checkpoint after every step that changes the model, so an
+interrupted run resumes from its last completed step (``camera-pl run ... --resume``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from camera_pl.recipe import Recipe
+
+MODEL_CHANGING = {"prune", "recover", "finetune", "quantize", "compressed_experts"}
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    model: nn.Module
+    tokenizer: Any
+    datamodule: Any
+    stats: Any = None
+    metrics: list[dict] = field(default_factory=list)
+    log: Callable[[str], None] = print
+
+    def loader(self, split: str, batches: int | None):
+        source = {"train": self.datamodule.train_dataloader, "validation": self.datamodule.val_dataloader,
+                  "test": self.datamodule.test_dataloader}[split]()
+        return list(islice(source, batches)) if batches is not None else source
+
+
+def load_model(spec, log: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
+    """Model and tokenizer named by a recipe's ``model`` section."""
+    dtype = getattr(torch, spec.dtype)
+    if spec.name == "reference":
+        from camera_pl.reference import reference_model
+
+        return reference_model(dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec.name)
+    if (path / "camera_pl.json").exists():
+        from camera_pl.serialization import load
+
+        return load(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    log(f"loading {spec.name} with transformers")
+    return AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype), AutoTokenizer.from_pretrained(spec.name)
+
+
+def build_datamodule(spec, tokenizer):
+    from camera_pl.data import TextDataModule
+
+    kwargs = dict(block_size=spec.block_size, batch_size=spec.batch_size, max_documents=spec.max_documents,
+                  text_column=spec.text_column)
+    if spec.source.startswith("hf:"):
+        dm = TextDataModule(tokenizer, hf_dataset=spec.source[3:], hf_config=spec.hf_config, **kwargs)
+    elif spec.source == "stdlib":
+        dm = TextDataModule(tokenizer, **kwargs)
+    else:
+        dm = TextDataModule(tokenizer, data_files=spec.source, **kwargs)
+    dm.setup()
+    return dm
+
+
+def model_size(model: nn.Module) -> dict[str, float]:
+    from camera_pl.adapters import moe_layers
+    from camera_pl.prune import expert_params
+
+    params = sum(p.numel() for p in model.parameters())
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {"params": params, "expert_params": sum(expert_params(l) for l in moe_layers(model)), "bytes": state_bytes}
+
+
+# ---- steps --------------------------------------------------------------------------------
+def step_stats(ctx: RunContext, step) -> None:
+    from camera_pl.stats import collect_stats
+
+    ctx.stats = collect_stats(ctx.model, ctx.loader("validation", ctx.recipe.data.calib_batches), step.max_tokens)
+    ctx.stats.meta["reduce_ratio"] = step.reduce_ratio
+    ctx.stats.save(ctx.run_dir / "stats.safetensors")
+    ctx.log(f"statistics: {ctx.stats.tokens} tokens, {ctx.stats.nbytes() / 1024:.0f} KiB")
+
+
+def _stats_or_collect(ctx: RunContext):
+    if ctx.stats is None:
+        from camera_pl.recipe import StatsStep
+
+        step_stats(ctx, StatsStep())
+    return ctx.stats
+
+
+def step_prune(ctx: RunContext, step) -> None:
+    from camera_pl.prune import prune
+
+    stats = None if step.sequential else _stats_or_collect(ctx)
+    reduce_ratio = ctx.stats.meta.get("reduce_ratio", 0.9) if ctx.stats is not None else 0.9
+    kw = {"reduce_ratio": reduce_ratio} if step.method == "camera" else {}
+    report = prune(ctx.model, stats, step.ratio, method=step.method, allocation=step.allocation,
+                   sequential=step.sequential, allow_expert_removal=step.allow_expert_removal,
+                   calib_dataloader=ctx.loader("validation", ctx.recipe.data.calib_batches) if step.sequential else None,
+                   **kw)
+    ctx.stats = None  # the model changed: later steps recollect
+    ctx.log(report.summary().splitlines()[0])
+
+
+def step_recover(ctx: RunContext, step) -> None:
+    from camera_pl.recovery import LoRASettings, recover
+
+    settings = LoRASettings(rank=step.rank, alpha=step.alpha, experts=step.experts)
+    ctx.model = recover(ctx.model, ctx.loader("train", step.steps), steps=step.steps, lr=step.lr, settings=settings,
+                        merge=step.merge, accelerator=ctx.recipe.accelerator, progress=True)
+    ctx.stats = None
+
+
+def step_finetune(ctx: RunContext, step) -> None:
+    import lightning.pytorch as pl
+
+    from camera_pl.callbacks import CameraPruning, MicroExpertStatsCallback
+    from camera_pl.lightning_module import CausalLMModule
+
+    callbacks: list = []
+    if step.schedule:
+        callbacks = [MicroExpertStatsCallback(max_tokens=20000),
+                     CameraPruning(step.schedule, method=step.method, allocation=step.allocation)]
+    module = CausalLMModule(ctx.model, lr=step.lr)
+    trainer = pl.Trainer(accelerator=ctx.recipe.accelerator, max_epochs=step.epochs,
+                         limit_train_batches=step.steps_per_epoch, limit_val_batches=ctx.recipe.data.calib_batches,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, callbacks=callbacks,
+                         enable_model_summary=False)
+    # validation precedes each epoch's pruning: run one before training starts
+    with torch.inference_mode(False):
+        if callbacks:
+            trainer.validate(module, dataloaders=ctx.datamodule.val_dataloader(), verbose=False)
+        trainer.fit(module, train_dataloaders=ctx.datamodule.train_dataloader(),
+                    val_dataloaders=ctx.datamodule.val_dataloader())
+    ctx.model = module.model.eval()
+    ctx.stats = None
+
+
+def step_quantize(ctx: RunContext, step) -> None:
+    from camera_pl.quant import quantize
+
+    report = quantize(ctx.model, _stats_or_collect(ctx), method=step.method, avg_bits=step.avg_bits,
+                      quantizer=step.quantizer, group_size=step.group_size,
+                      calib_dataloader=ctx.loader("validation", ctx.recipe.data.calib_batches))
+    ctx.log(str(report).splitlines()[0])
+    ctx.stats = None
+
+
+def step_evaluate(ctx: RunContext, step) -> None:
+    from camera_pl.evaluation import multiple_choice, perplexity
+
+    row: dict[str, Any] = {"label": step.label or f"step{len(ctx.metrics)}", **model_size(ctx.model)}
+    if step.perplexity:
+        row["perplexity"] = perplexity(ctx.model, ctx.loader("test", ctx.recipe.data.eval_batches))
+    if step.tasks:
+        from camera_pl.data import stdlib_corpus
+        from camera_pl.tasks import build_examples
+
+        for task in step.tasks:
+            examples = build_examples(task, stdlib_corpus("test"), n=step.examples)
+            row[f"{task}_acc"] = multiple_choice(ctx.model, ctx.tokenizer, examples)["acc"]
+    ctx.metrics.append(row)
+    ctx.log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def step_analyze(ctx: RunContext, step) -> None:
+    from camera_pl.analysis import write_report
+
+    path = write_report(_stats_or_collect(ctx), ctx.run_dir / "analysis", step.top_fractions)
+    ctx.log(f"analysis report: {path}")
+
+
+def step_save(ctx: RunContext, step) -> None:
+    from camera_pl.serialization import save
+
+    path = save(ctx.model, ctx.run_dir / step.subdir)
+    ctx.tokenizer.save_pretrained(path)
+    ctx.log(f"saved model to {path}")
+
+
+def step_odp(ctx: RunContext, step) -> None:
+    from camera_pl.dynamic import apply_odp
+
+    apply_odp(ctx.model, _stats_or_collect(ctx), protect_ratio=step.protect_ratio)
+
+
+def step_compressed_experts(ctx: RunContext, step) -> None:
+    from camera_pl.compressed_experts import apply_compressed_experts, finetune_compressed_experts
+
+    apply_compressed_experts(ctx.model, main_experts=step.main_experts)
+    ctx.model = finetune_compressed_experts(ctx.model, ctx.loader("train", step.steps), steps=step.steps, lr=step.lr)
+
+
+STEPS: dict[str, Callable[[RunContext, Any], None]] = {
+    "stats": step_stats, "prune": step_prune, "recover": step_recover, "finetune": step_finetune,
+    "quantize": step_quantize, "evaluate": step_evaluate, "analyze": step_analyze, "save": step_save,
+    "odp": step_odp, "compressed_experts": step_compressed_experts,
+}
+
+
+# ---- the run ------------------------------------------------------------------------------
+def _write_metrics(ctx: RunContext) -> None:
+    (ctx.run_dir / "metrics.json").write_text(json.dumps(ctx.metrics, indent=1))
+    if ctx.metrics:
+        keys = list(dict.fromkeys(k for row in ctx.metrics for k in row))
+        with open(ctx.run_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(ctx.metrics)
+        _plot_metrics(ctx)
+
+
+def _plot_metrics(ctx: RunContext) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row["label"] for row in ctx.metrics]
+    panels = [k for k in ("perplexity", "params", "bytes") if all(k in row for row in ctx.metrics)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        ax.bar(labels, [row[key] for row in ctx.metrics], color="tab:blue")
+        ax.set_title(key)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(ctx.run_dir / "metrics.png", dpi=110)
+    plt.close(fig)
+
+
+def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> RunContext:
+    """Execute ``recipe`` in ``run_dir``; with ``resume``, skip steps a previous run completed."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / "state.json"
+    state = json.loads(state_path.read_text()) if resume and state_path.exists() else {"done": 0, "checkpoint": None}
+    if resume and state["done"] and json.loads((run_dir / "recipe.json").read_text()) != recipe.to_dict():
+        raise ValueError(f"{run_dir} was started with a different recipe; resume with the same recipe and --set values.")
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict()))
+    torch.manual_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model, log)
+    if state["checkpoint"]:
+        from camera_pl.serialization import load
+
+        model = load(run_dir / state["checkpoint"], dtype=getattr(torch, recipe.model.dtype))
+        log(f"resuming after step {state['done']} from {state['checkpoint']}")
+    device = "cuda" if recipe.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    ctx = RunContext(recipe, run_dir, model, tokenizer, build_datamodule(recipe.data, tokenizer), log=log)
+    if (run_dir / "metrics.json").exists() and resume:
+        ctx.metrics = json.loads((run_dir / "metrics.json").read_text())
+    for i, (kind, step) in enumerate(recipe.steps):
+        if i < state["done"]:
+            continue
+        log(f"[{i + 1}/{len(recipe.steps)}] {kind} {asdict(step)}")
+        start = time.perf_counter()
+        STEPS[kind](ctx, step)
+        log(f"    done in {time.perf_counter() - start:.1f}s")
+        state["done"] = i + 1
+        if kind in MODEL_CHANGING:
+            from camera_pl.serialization import save
+
+            state["checkpoint"] = f"checkpoints/after_step{i + 1}"
+            save(ctx.model, run_dir / state["checkpoint"])
+        _write_metrics(ctx)
+        state_path.write_text(json.dumps(state))
+    return ctx

@@ -1,0 +1,43 @@
+"""Recipe schema: every bundled recipe validates; errors name the key, file and line."""
+
+from pathlib import Path
+
+import pytest
+
+from camera_pl.recipe import PruneStep, RecipeError, load_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_bundled_recipes_exist_and_validate():
+    names = {p.stem for p in RECIPES}
+    assert {"compress_recover", "gradual_prune_finetune", "analysis", "camera_q_2bit", "mc_pmq"} <= names
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        assert recipe.steps and recipe.model.name
+
+
+def test_overrides(tmp_path):
+    recipe = load_recipe(RECIPES[0].parent / "compress_recover.yaml",
+                         ["data.batch_size=2", "steps.2.prune.ratio=0.6", "model.name=/some/dir"])
+    assert recipe.data.batch_size == 2 and recipe.model.name == "/some/dir"
+    prune = [s for kind, s in recipe.steps if kind == "prune"][0]
+    assert isinstance(prune, PruneStep) and prune.ratio == 0.6
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(RECIPES[0], ["data.batch_size"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nsteps:\n  - prune: {ratoi: 0.4}\n", r"bad.yaml:3: unknown key 'ratoi' in 'prune'"),
+    ("name: x\nsteps:\n  - prune:\n      ratio: high\n", r"bad.yaml:4: 'prune.ratio' must be float, got 'high'"),
+    ("name: x\ndata: {batch_size: 2.5}\nsteps:\n  - save: {}\n", r"bad.yaml:2: 'data.batch_size' must be int"),
+    ("name: x\nsteps:\n  - explode: {}\n", r"bad.yaml:3: unknown step 'explode'"),
+    ("name: x\nmodle: {}\nsteps:\n  - save: {}\n", r"bad.yaml:2: unknown top-level key 'modle'"),
+    ("name: x\nsteps: []\n", r"'steps' must be a non-empty list"),
+    ("name: [unclosed\n", r"not valid YAML"),
+])
+def test_errors_name_key_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
