@@ -153,7 +153,7 @@ def _plain(node: yaml.Node, lines: dict[int, int], path: tuple = ()) -> Any:
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = yaml.safe_load(yaml.serialize(key_node))
             lines[hash(path + (key,))] = key_node.start_mark.line + 1
             out[key] = _plain(value_node, lines, path + (key,))
         return out
