@@ -9,8 +9,9 @@
   fused layout and plain ``from_pretrained`` loading survive;
 * ``global``: one ranking across layers, no layer losing more than ``max_layer_ratio``.
 
-Expert-level methods (``frequency``, ``reap``, ``ean``) remove
-``round(ratio · E)`` whole experts per layer with their router rows. Micro-experts already
+Expert-level methods (``frequency``, ``reap``, ``ean`` from statistics; ``naee`` from
+``calib_dataloader``, see :mod:`camera_pl.naee`) remove ``round(ratio · E)`` whole experts
+per layer with their router rows. Micro-experts already
 removed by an earlier call count as removed (ratios refer to the original model), so
 calling ``prune`` with rising ratios gives a gradual schedule.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from camera_pl.adapters import MoELayer, architecture_spec, moe_layers
+from camera_pl.naee import cache_layer_inputs, naee_keep
 from camera_pl.scores import LayerScores, score_level
 from camera_pl.stats import MicroExpertStats, collect_stats
 from camera_pl.surgery import remove_experts, remove_router_rows, shrink_fused, shrink_shared, to_ragged
@@ -243,9 +245,12 @@ def prune(
         raise ValueError(f"ratio must lie in [0, 1), got {ratio}; it is the fraction of micro-experts to remove.")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
-    level = score_level(method)
+    level = "expert" if method == "naee" else score_level(method)
     layers = moe_layers(model)
-    if sequential:
+    if method == "naee":
+        if calib_dataloader is None:
+            raise ValueError("method='naee' needs calib_dataloader: it measures each layer's output error directly.")
+    elif sequential:
         if calib_dataloader is None:
             raise ValueError("sequential=True needs calib_dataloader: statistics are recollected after each layer.")
         if allocation == "global" or level == "expert":
@@ -260,8 +265,12 @@ def prune(
                                              layer.shared_intermediate_size, params_before=expert_params(layer))
                for layer in layers}
     if level == "expert":
-        scores = stats.scores(method, **score_kwargs)
-        keeps = {layer.index: _expert_keep(scores[layer.index], ratio) for layer in layers}
+        if method == "naee":
+            inputs = cache_layer_inputs(model, layers, calib_dataloader, max_tokens or 4096)
+            keeps = naee_keep(layers, inputs, int(round(ratio * layers[0].num_experts)))
+        else:
+            scores = stats.scores(method, **score_kwargs)
+            keeps = {layer.index: _expert_keep(scores[layer.index], ratio) for layer in layers}
         for layer in layers:
             keep = keeps[layer.index]
             remove_experts(layer, keep)

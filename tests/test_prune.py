@@ -177,3 +177,27 @@ def test_pruned_model_trains_in_bf16():
     out.loss.backward()
     ragged = [layer.experts for layer in moe_layers(model)]
     assert all(r.up.grad is not None and r.up.dtype == torch.bfloat16 for r in ragged)
+
+
+def test_naee_removes_the_least_harmful_experts():
+    batch = make_batch()
+    model = tiny_moe("mixtral")  # 6 experts: exhaustive search
+    reference = tiny_moe("mixtral")
+    report = prune(model, None, 1 / 3, method="naee", calib_dataloader=[batch])
+    assert all(len(layer.experts_removed) == 2 for layer in report.layers)
+    # the chosen pair is at least as good as any other pair on the calibration layer inputs
+    from camera_pl.naee import _removal_error, cache_layer_inputs
+
+    layers = moe_layers(reference)
+    inputs = cache_layer_inputs(reference, layers, [batch])
+    layer = layers[0]
+    with torch.no_grad():
+        y = layer.block(inputs[0]).float()
+    chosen = _removal_error(layer, inputs[0], y, tuple(report.layers[0].experts_removed))
+    assert chosen <= min(_removal_error(layer, inputs[0], y, (a, b)) for a in range(6) for b in range(a + 1, 6)) + 1e-6
+    with pytest.raises(ValueError, match="calib_dataloader"):
+        prune(tiny_moe("mixtral"), None, 0.3, method="naee")
+    from camera_pl.naee import naee_keep
+
+    greedy = naee_keep(layers, inputs, 2, exhaustive_max=2)  # greedy search beyond the exhaustive limit
+    assert all(int((~keep).sum()) == 2 for keep in greedy.values())
