@@ -54,18 +54,38 @@ def expert_output(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_mm_ok(experts: nn.Module, x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM can run this fused experts module (else: one matmul pair per expert)."""
-    if not hasattr(nn.functional, "grouped_mm") or hasattr(experts, "expert_activation"):
+    """Whether torch's grouped GEMM can run these experts (else: one matmul pair per expert).
+
+    Fused experts use it on CPU and on CUDA in bf16; ragged experts only on CUDA in bf16,
+    through zero-padded weights (on a CPU, padding would cost more compute than it saves).
+    """
+    if not hasattr(nn.functional, "grouped_mm") or getattr(experts, "has_post_expert_norm", False):
         return False
-    if getattr(experts, "has_post_expert_norm", False) or not getattr(experts, "has_gate", True):
+    if not getattr(experts, "has_gate", True):
         return False
+    ragged = hasattr(experts, "grouped_weights")
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
-    elif x.device.type != "cpu":
+    elif x.device.type != "cpu" or ragged:
         return False
+    if hasattr(experts, "expert_activation") and not ragged:
+        return False
+    if ragged:
+        return True
     size = x.element_size()
     return all(d * size % 16 == 0 for d in (*experts.gate_up_proj.shape[1:], *experts.down_proj.shape[1:]))
+
+
+def _grouped_weights(experts: nn.Module) -> tuple:
+    """``(w_up [E, H, 2I], w_down [E, I, H], up_bias, down_bias, channel_map)`` for grouped GEMMs."""
+    if hasattr(experts, "grouped_weights"):
+        return experts.grouped_weights()
+    w_up = experts.gate_up_proj if experts.is_transposed else experts.gate_up_proj.transpose(1, 2)
+    w_down = experts.down_proj if experts.is_transposed else experts.down_proj.transpose(1, 2)
+    if experts.has_bias:
+        return w_up, w_down, experts.gate_up_proj_bias, experts.down_proj_bias, None
+    return w_up, w_down, None, None, None
 
 
 def _sorted_activations(self: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
@@ -73,15 +93,18 @@ def _sorted_activations(self: nn.Module, x: torch.Tensor, expert_ids: torch.Tens
     """Activations ``[S, I]`` and outputs ``[S, H]`` of rows ``x`` sorted by expert (``ends``: cumulative counts)."""
     if _grouped_mm_ok(self, x):
         offsets = torch.tensor(ends[: self.num_experts], dtype=torch.int32, device=x.device)
-        w_up = self.gate_up_proj if self.is_transposed else self.gate_up_proj.transpose(1, 2)
+        w_up, w_down, up_bias, down_bias, channel_map = _grouped_weights(self)
         proj = nn.functional.grouped_mm(x, w_up, offs=offsets)
-        if self.has_bias:
-            proj = proj + self.gate_up_proj_bias[expert_ids]
-        a = self._apply_gate(proj)
-        w_down = self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2)
+        if up_bias is not None:
+            proj = proj + up_bias[expert_ids]
+        gate_fn = self.template._apply_gate if hasattr(self, "template") else self._apply_gate
+        a = gate_fn(proj)
         out = nn.functional.grouped_mm(a, w_down, offs=offsets)
-        if self.has_bias:
-            out = out + self.down_proj_bias[expert_ids]
+        if down_bias is not None:
+            out = out + down_bias[expert_ids]
+        if channel_map is not None:  # padded ragged layout -> original channel indices (pad -> dropped column)
+            full = a.new_zeros(a.shape[0], self.intermediate_size + 1)
+            a = full.scatter_(1, channel_map[expert_ids], a)[:, :-1]
         return a, out
     acts, outs, start = [], [], 0
     for e in range(self.num_experts):

@@ -88,6 +88,34 @@ class RaggedExperts(nn.Module):
         b = self.biases(e)
         return nn.functional.linear(a, self.down_weight(e), None if b is None else b[2])
 
+    def grouped_weights(self) -> tuple:
+        """Zero-padded per-expert weights for grouped GEMMs (widths padded to a multiple of 8).
+
+        Returns ``(w_up [E, H, 2W], w_down [E, W, H], up_bias [E, 2W] | None, down_bias | None,
+        channel_map [E, W])`` in the original module's gate layout; padded channels have zero
+        weights and biases, so they contribute nothing. Built per call (differentiable), trading
+        a weight copy for two large kernels instead of one small matmul pair per expert.
+        """
+        width = max(8, -(-int(self.widths.max()) // 8) * 8)
+        rows = torch.repeat_interleave(torch.arange(self.num_experts, device=self.up.device), self.widths)
+        slots = torch.arange(rows.numel(), device=rows.device) - torch.tensor(
+            self._offsets[:-1], device=rows.device)[rows]
+        shape = (self.num_experts, width)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # [ΣI, ...] -> [E, W, ...]
+            out = t.new_zeros(*shape, *t.shape[1:])
+            return out.index_put((rows, slots), t)
+
+        def pack(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return torch.cat([g, u], dim=1) if self.is_concatenated else torch.stack([g, u], dim=2).flatten(1, 2)
+
+        w_up = pack(pad(self.gate), pad(self.up)).transpose(1, 2)
+        w_down = pad(self.down.t())
+        up_bias = pack(pad(self.gate_bias), pad(self.up_bias)) if self.has_bias else None
+        channel_map = torch.full(shape, self.intermediate_size, dtype=torch.long, device=rows.device)
+        channel_map[rows, slots] = self.channels
+        return w_up, w_down, up_bias, self.down_bias, channel_map
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return camera_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 

@@ -201,3 +201,24 @@ def test_naee_removes_the_least_harmful_experts():
 
     greedy = naee_keep(layers, inputs, 2, exhaustive_max=2)  # greedy search beyond the exhaustive limit
     assert all(int((~keep).sum()) == 2 for keep in greedy.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen2_moe"])
+def test_ragged_padded_grouped_path_matches_per_expert_path(arch, monkeypatch):
+    """The CUDA path for ragged experts (zero-padded grouped GEMMs), forced on CPU, equals the loop."""
+    from camera_pl import experts_forward
+
+    batch = make_batch()
+    model = tiny_moe(arch)
+    prune(model, collect_stats(model, [batch]), 0.5)
+    with torch.no_grad():
+        loop = model(**batch).logits
+    stats_loop = collect_stats(model, [batch])
+    monkeypatch.setattr(experts_forward, "_grouped_mm_ok", lambda experts, x: True)
+    with torch.no_grad():
+        grouped = model(**batch).logits
+    stats_grouped = collect_stats(model, [batch])
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+    for index, entry in stats_loop.layers.items():
+        for name in ("sq_sum", "sq_max", "act_sq_sum", "out_norm_sum"):
+            torch.testing.assert_close(stats_grouped.layers[index][name], entry[name], rtol=1e-4, atol=1e-6)
