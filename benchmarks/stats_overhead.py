@@ -23,12 +23,13 @@ from camera_pl import collect_stats
 from camera_pl.observation import observe
 
 
-def build(device: str, dtype: torch.dtype) -> torch.nn.Module:
-    config = Qwen3MoeConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                            num_experts=16, num_experts_per_tok=2, max_position_embeddings=512)
+def build(args, dtype: torch.dtype) -> torch.nn.Module:
+    config = Qwen3MoeConfig(vocab_size=4096, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                            moe_intermediate_size=args.inter, num_hidden_layers=args.layers, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=args.hidden // 4, num_experts=args.experts,
+                            num_experts_per_tok=args.top_k, max_position_embeddings=4096)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device).eval()
 
 
 def sync(device: str) -> None:
@@ -59,9 +60,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--inter", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    model = build(args.device, dtype)
+    model = build(args, dtype)
     gen = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 4096, (args.batch_size, args.seq), generator=gen).to(args.device),
                 "attention_mask": torch.ones(args.batch_size, args.seq, dtype=torch.long, device=args.device)}
@@ -80,7 +86,8 @@ def main() -> None:
     tokens = args.batches * args.batch_size * args.seq
     stats = collect_stats(model, batches[:1])
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"stats_overhead: Qwen3-MoE 4 layers x 16 experts (I=128, H=256), {args.dtype} on {args.device}, "
+    print(f"stats_overhead: Qwen3-MoE {args.layers} layers x {args.experts} experts (I={args.inter}, H={args.hidden}, "
+          f"top-{args.top_k}), {args.dtype} on {args.device}, "
           f"{tokens} tokens per validation pass, median of {args.repeats} interleaved runs "
           f"(default experts implementation: {default_impl})")
     for name, value in med.items():
