@@ -93,17 +93,21 @@ class LayerObserver:
         """Routed experts: called by camera_pl's experts forward with (token, slot) pairs sorted by expert."""
         mask = self.observation.token_mask(top_k_weights.shape[0], top_k_weights.device)
         keep = mask[token_ids].float()
+        lengths = torch.bincount(expert_ids, minlength=self.layer.num_experts)
         g = weights.float() * keep
         a2 = acts.float().square()
-        ga2 = a2 * g.square()[:, None]
-        inter = a2.shape[-1]
-        self._state("sq_sum").index_add_(0, expert_ids, ga2)
-        self._state("sq_max").scatter_reduce_(0, expert_ids[:, None].expand(-1, inter), ga2, reduce="amax")
-        self._state("act_sq_sum").index_add_(0, expert_ids, a2 * keep[:, None])
-        self._state("count").index_add_(0, expert_ids, keep)
-        self._state("weight_sum").index_add_(0, expert_ids, g)
-        self._state("out_norm_sum").index_add_(0, expert_ids, out_norms * keep)
-        self._state("weighted_out_norm_sum").index_add_(0, expert_ids, out_norms * g)
+        per_expert = {  # rows arrive sorted by expert: segment reductions, no atomics
+            "sq_sum": a2 * g.square()[:, None],
+            "act_sq_sum": a2 * keep[:, None],
+            "count": keep,
+            "weight_sum": g,
+            "out_norm_sum": out_norms * keep,
+            "weighted_out_norm_sum": out_norms * g,
+        }
+        for name, rows in per_expert.items():
+            self._state(name).add_(torch.segment_reduce(rows, "sum", lengths=lengths, axis=0, unsafe=True))
+        peak = torch.segment_reduce(per_expert["sq_sum"], "max", lengths=lengths, axis=0, unsafe=True, initial=0.0)
+        torch.maximum(self._state("sq_max"), peak, out=self._state("sq_max"))
         if top_k_weights.shape[1] >= 2:
             top2 = top_k_weights.float().topk(2, dim=-1).values
             ratio = top2[:, 1] / top2[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
