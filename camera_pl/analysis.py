@@ -46,27 +46,25 @@ def write_report(stats: MicroExpertStats, out_dir: str | Path, fractions: Sequen
     shares = energy_shares(stats, fractions, reduce_ratio)
     freq = routing_frequency(stats)
 
+    def save_plot(fig, ax, xlabel: str, ylabel: str, name: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for index, s in scores.items():
         flat = s.routed.flatten() if s.shared is None else torch.cat([s.routed.flatten(), s.shared])
         ordered = flat.double().sort(descending=True).values.cpu()
         ax.plot(torch.linspace(0, 1, len(ordered)), (ordered / ordered.sum().clamp_min(1e-30)).cumsum(0), label=f"layer {index}")
-    ax.set_xlabel("fraction of micro-experts (sorted by CAMERA score)")
-    ax.set_ylabel("cumulative share of energy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "scores.png", dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, "fraction of micro-experts (sorted by CAMERA score)", "cumulative share of energy", "scores.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for index, f in freq.items():
         ax.plot(sorted(f.tolist(), reverse=True), marker=".", label=f"layer {index}")
-    ax.set_xlabel("expert (sorted)")
-    ax.set_ylabel("routing frequency")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "routing.png", dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, "expert (sorted)", "routing frequency", "routing.png")
 
     header = "| layer | " + " | ".join(f"top {int(f * 100)}% energy" for f in fractions) + " | max / min expert frequency |"
     lines = [f"# Micro-expert analysis ({stats.signature['model_class']}, {stats.tokens} tokens, r={reduce_ratio})", "",

@@ -5,11 +5,10 @@ import torch
 
 import camera_pl
 from camera_pl import collect_stats, moe_layers, prune
-from camera_pl.observation import observe
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
-from test_stats import brute_force_stats
+from test_stats import brute_force_stats, logits_default_plain_observed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPU_ARCHS = ["qwen2_moe", "deepseek_v3", "gpt_oss", "mixtral"]
@@ -23,13 +22,7 @@ def cuda_batch():
 def test_bf16_cuda_observation_exact_and_stats_match_brute_force(arch):
     model = tiny_moe(arch, dtype=torch.bfloat16).cuda()
     batch = cuda_batch()
-    with torch.no_grad():
-        default = model(**batch).logits
-        model.set_experts_implementation("camera_pl")
-        plain = model(**batch).logits
-        with observe(model) as obs:
-            obs.set_attention_mask(batch["attention_mask"], batch["input_ids"])
-            observed = model(**batch).logits
+    default, plain, observed = logits_default_plain_observed(model, batch)
     assert torch.equal(plain, observed)
     torch.testing.assert_close(observed.float(), default.float(), rtol=0.05, atol=0.05)
     stats = collect_stats(model, [batch])

@@ -64,8 +64,8 @@ def test_stats_and_scores_equal_brute_force(arch, model):
                 torch.testing.assert_close(scores[index].shared.double(), want_s, rtol=1e-5, atol=1e-9)
 
 
-def test_observation_leaves_logits_unchanged(arch, model):
-    batch = make_batch()
+def logits_default_plain_observed(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits with the default experts kernels, camera_pl's implementation, and camera_pl's while observing."""
     with torch.no_grad():
         default = model(**batch).logits
         model.set_experts_implementation("camera_pl")
@@ -73,6 +73,11 @@ def test_observation_leaves_logits_unchanged(arch, model):
         with observe(model) as obs:
             obs.set_attention_mask(batch["attention_mask"], batch["input_ids"])
             observed = model(**batch).logits
+    return default, plain, observed
+
+
+def test_observation_leaves_logits_unchanged(arch, model):
+    default, plain, observed = logits_default_plain_observed(model, make_batch())
     assert torch.equal(plain, observed)  # same kernels: bit-identical
     torch.testing.assert_close(observed, default, rtol=0, atol=1e-5)  # vs grouped_mm: kernel rounding only
 
