@@ -1,0 +1,245 @@
+"""Tests of camera_pl.evaluation and camera_pl.tasks on tiny models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from camera_pl.evaluation import (
+    EvaluationCallback,
+    MCExample,
+    TokenPerplexity,
+    continuation_loglikelihoods,
+    load_task,
+    multiple_choice,
+    perplexity,
+    unigram_perplexity,
+    write_task,
+)
+from camera_pl.tasks import TASKS, build_examples, build_tasks
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (no merges) plus EOS and PAD: token counts are predictable."""
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab.update({"<eos>": len(vocab), "<pad>": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tokenizer) -> Qwen3MoeForCausalLM:
+    return _tiny_moe(tokenizer)
+
+
+def _tiny_moe(tokenizer: PreTrainedTokenizerFast) -> Qwen3MoeForCausalLM:
+    """A randomly initialised 2-layer, 4-expert, top-2 Qwen3-MoE."""
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+class UnigramLM(nn.Module):
+    """Context-free LM: every position predicts the fixed distribution ``log_probs``."""
+
+    def __init__(self, log_probs: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(log_probs.clone())
+        self.config = type("Config", (), {"max_position_embeddings": 128})()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return type("Out", (), {"logits": self.logits.expand(*input_ids.shape, -1)})()
+
+
+def _batches(vocab: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for rows, cols, valid in ((2, 10, (10, 6)), (3, 7, (7, 2, 5))):
+        ids = torch.randint(0, vocab, (rows, cols), generator=g)
+        mask = torch.zeros(rows, cols, dtype=torch.long)
+        for r, n in enumerate(valid):
+            mask[r, :n] = 1
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE)})
+    return out
+
+
+def test_perplexity_matches_hand_computation(tiny_moe) -> None:
+    batches = _batches(tiny_moe.config.vocab_size)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            for row in range(len(b["input_ids"])):
+                n = int(b["attention_mask"][row].sum())
+                logp = torch.log_softmax(tiny_moe(input_ids=b["input_ids"][row : row + 1, :n]).logits[0], -1)
+                nll -= sum(float(logp[t - 1, b["input_ids"][row, t]]) for t in range(1, n))
+                count += n - 1
+    assert perplexity(tiny_moe, batches) == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_token_perplexity_errors_and_ignore() -> None:
+    metric = TokenPerplexity()
+    with pytest.raises(ValueError, match="expected logits"):
+        metric.update(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
+    metric.update(torch.zeros(1, 3, 4), torch.tensor([[0, 1, IGNORE]]))
+    assert float(metric.compute()) == pytest.approx(4.0)  # uniform over 4 tokens, one scored token
+    empty = TokenPerplexity()
+    empty.update(torch.zeros(1, 2, 4), torch.full((1, 2), IGNORE))
+    with pytest.raises(ValueError, match="no tokens were scored"):
+        empty.compute()
+
+
+def test_unigram_perplexity_by_hand() -> None:
+    train = [{"labels": torch.tensor([[0, 0, 1, IGNORE]])}]
+    test = [{"labels": torch.tensor([[2, 0, 1, IGNORE]])}]
+    # add-one counts: [3, 2, 1] / 6; scored test positions: tokens 0 and 1.
+    expected = math.exp(-(math.log(3 / 6) + math.log(2 / 6)) / 2)
+    assert unigram_perplexity(train, test, 3) == pytest.approx(expected)
+
+
+def test_continuation_loglikelihoods_match_unbatched(tiny_moe, tokenizer) -> None:
+    requests = [("def f(x):", " return x"), ("a", "bc"), ("import os\nprint(", "os.sep)")]
+    got = continuation_loglikelihoods(tiny_moe, tokenizer, requests, batch_size=2)
+    for (ctx, cont), value in zip(requests, got):
+        ctx_ids = [tokenizer.eos_token_id] + tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        cont_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx_ids + cont_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_moe(input_ids=ids).logits[0], -1)
+        expected = sum(float(logp[len(ctx_ids) + j - 1, t]) for j, t in enumerate(cont_ids))
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_multiple_choice_acc_and_acc_norm(tokenizer) -> None:
+    log_probs = torch.full((len(tokenizer),), -30.0)
+    x, y, z = (tokenizer.convert_tokens_to_ids(c) for c in "xyz")
+    log_probs[x], log_probs[y], log_probs[z] = -2.0, -1.0, -5.0
+    model = UnigramLM(log_probs)
+    # Sum: "x" (-2) beats "yyyy" (-4); per byte: "yyyy" (-1) beats "x" (-2). "z" loses both.
+    examples = [MCExample("ctx", ("z", "x", "yyyy"), 1), MCExample("ctx", ("yyyy", "z", "x"), 0)]
+    assert multiple_choice(model, tokenizer, examples, batch_size=2) == {"acc": 0.5, "acc_norm": 0.5, "n": 2.0}
+    only_x = [MCExample("anything", ("z", "x"), 1)] * 3
+    assert multiple_choice(model, tokenizer, only_x)["acc"] == 1.0
+
+
+def test_mc_example_and_task_file_validation(tmp_path) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        MCExample("c", ("a", "b"), 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        MCExample("c", ("a",), 0)
+    path = write_task(tmp_path / "t.jsonl", [MCExample("c", ("a", "b"), 1)])
+    assert load_task(path) == [MCExample("c", ("a", "b"), 1)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "c", "choices": ["a", "b"]}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1 is not a valid task row"):
+        load_task(bad)
+    with pytest.raises(FileNotFoundError, match="build_tasks"):
+        load_task(tmp_path / "missing.jsonl")
+
+
+def _source_files(tmp_path: Path) -> list[Path]:
+    files = []
+    for k in range(3):
+        body = "".join(
+            f'def func_{k}_{i}(arg):\n    """Compute value number {i} of module {k} here."""\n'
+            f"    result = arg * {i} + {k}\n    return result + {i}\n\n"
+            for i in range(6)
+        )
+        files.append(tmp_path / f"mod{k}.py")
+        files[-1].write_text(body)
+    return files
+
+
+def test_build_tasks_deterministic_and_well_formed(tmp_path) -> None:
+    files = _source_files(tmp_path)
+    for task in TASKS:
+        first = build_examples(task, files, n=20)
+        assert first == build_examples(task, files, n=20) and len(first) > 5
+        for e in first:
+            assert len(e.choices) == 4 and len({c.strip() for c in e.choices}) == 4
+        assert len({e.label for e in first}) > 1
+    paths = build_tasks(tmp_path / "tasks", files, n=5)
+    assert set(paths) == set(TASKS) and all(len(load_task(p)) == 5 for p in paths.values())
+    example = build_examples("docstring_match", files, n=1)[0]
+    assert example.context.endswith('"""') and example.choices[example.label].startswith("Compute value")
+    with pytest.raises(ValueError, match="unknown task"):
+        build_examples("nope", files)
+
+
+class _Wrapper(L.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.model(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_evaluation_callback_logs_metrics(tokenizer) -> None:
+    model = _tiny_moe(tokenizer).train()
+    batches = _batches(model.config.vocab_size)
+    tasks = {"toy": [MCExample("ab", ("c", "d"), 0)]}
+    callback = EvaluationCallback(batches=batches, tasks=tasks, tokenizer=tokenizer)
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[callback], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )
+    loader = DataLoader(batches[:1], batch_size=None)
+    trainer.fit(_Wrapper(model), train_dataloaders=loader, val_dataloaders=loader)
+    metrics = trainer.callback_metrics
+    assert {"eval/perplexity", "eval/toy/acc", "eval/toy/acc_norm"} <= set(metrics)
+    assert float(metrics["eval/perplexity"]) > 1.0
+    with pytest.raises(ValueError, match="no tokenizer"):
+        EvaluationCallback(tasks=tasks)
+
+
+def test_reference_model_beats_unigram() -> None:
+    from camera_pl.reference import WEIGHTS_DIR, reference_model
+
+    if not (WEIGHTS_DIR / "model.safetensors").is_file():
+        pytest.skip("reference weights not trained yet")
+    from camera_pl.data import TextDataModule
+
+    model, tok = reference_model()
+    dm = TextDataModule(tok, block_size=128, batch_size=4, max_documents=20)
+    dm.setup()
+    test = list(dm.test_dataloader())[:2]
+    model_ppl = perplexity(model, test)
+    assert model_ppl < 0.2 * unigram_perplexity(dm.train_dataloader(), test, len(tok))
+
+
+def test_reference_model_reports_missing_weights(tmp_path) -> None:
+    from camera_pl.reference import reference_model
+
+    with pytest.raises(FileNotFoundError, match="camera_pl.reference.train"):
+        reference_model(weights_dir=tmp_path)
