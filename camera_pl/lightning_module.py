@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 
 class CausalLMModule(pl.LightningModule):
@@ -58,3 +59,20 @@ class CausalLMModule(pl.LightningModule):
         warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _as_loader(batches: Iterable | None) -> DataLoader | None:
+    """Lightning reads a plain list as several dataloaders: wrap pre-built batches as one."""
+    return batches if batches is None or isinstance(batches, DataLoader) else DataLoader(list(batches), batch_size=None)
+
+
+def finetune(model: nn.Module, train_batches: Iterable, steps: int, lr: float = 1e-4, accelerator: str = "auto",
+             callbacks: list | None = None, val_batches: Iterable | None = None, progress: bool = False) -> nn.Module:
+    """A short Lightning fit of ``steps`` batches on ``model`` (whatever is trainable); returns the trained model."""
+    module = CausalLMModule(model, lr=lr)
+    trainer = pl.Trainer(accelerator=accelerator, max_steps=steps, logger=False, enable_checkpointing=False,
+                         callbacks=callbacks or [], enable_progress_bar=progress, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0 if val_batches is None else 1.0)
+    with torch.inference_mode(False):
+        trainer.fit(module, train_dataloaders=_as_loader(train_batches), val_dataloaders=_as_loader(val_batches))
+    return module.model.eval()

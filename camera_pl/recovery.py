@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import lightning.pytorch as pl
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from torch.utils.data import DataLoader
 
 from camera_pl.adapters import moe_layers
 
@@ -145,19 +143,7 @@ def recover(model: nn.Module, train_dataloader: Iterable, steps: int = 100, lr: 
             settings: LoRASettings | None = None, merge: bool = True, accelerator: str = "auto",
             val_dataloader: Iterable | None = None, progress: bool = False) -> nn.Module:
     """Stand-alone LoRA recovery: a short Lightning fit of ``steps`` batches; returns the (merged) model."""
-    from camera_pl.lightning_module import CausalLMModule
+    from camera_pl.lightning_module import finetune
 
-    def as_loader(batches: Iterable | None) -> DataLoader | None:
-        # Lightning reads a plain list as several dataloaders: wrap pre-built batches as one
-        return batches if batches is None or isinstance(batches, DataLoader) else DataLoader(list(batches), batch_size=None)
-
-    train_dataloader, val_dataloader = as_loader(train_dataloader), as_loader(val_dataloader)
-    module = CausalLMModule(model, lr=lr)
     callback = LoRARecovery(settings, steps=steps, merge=merge, start_now=True)
-    trainer = pl.Trainer(accelerator=accelerator, max_steps=steps, logger=False, enable_checkpointing=False,
-                         callbacks=[callback],
-                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0 if val_dataloader is None else 1.0)
-    with torch.inference_mode(False):
-        trainer.fit(module, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
-    return module.model.eval()
+    return finetune(model, train_dataloader, steps, lr, accelerator, [callback], val_dataloader, progress)

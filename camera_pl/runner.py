@@ -199,10 +199,12 @@ def step_odp(ctx: RunContext, step) -> None:
 
 
 def step_compressed_experts(ctx: RunContext, step) -> None:
-    from camera_pl.compressed_experts import apply_compressed_experts, finetune_compressed_experts
+    from camera_pl.compressed_experts import compress_experts
+    from camera_pl.lightning_module import finetune
 
-    apply_compressed_experts(ctx.model, main_experts=step.main_experts)
-    ctx.model = finetune_compressed_experts(ctx.model, ctx.loader("train", step.steps), steps=step.steps, lr=step.lr)
+    compress_experts(ctx.model, k_main=step.main_experts)
+    ctx.model = finetune(ctx.model, ctx.loader("train", step.steps), step.steps, step.lr, ctx.recipe.accelerator,
+                         progress=True)
 
 
 STEPS: dict[str, Callable[[RunContext, Any], None]] = {

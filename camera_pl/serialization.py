@@ -12,6 +12,7 @@ transformers checkpoint. The same structure description travels in Lightning che
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Callable, Protocol
@@ -43,6 +44,15 @@ class SerializableExperts(Protocol):
 
 
 _KINDS: dict[str, Callable[[dict, nn.Module], nn.Module]] = {"ragged": build_ragged}
+_PROVIDERS = {"quantized": "camera_pl.quant.packed", "compressed": "camera_pl.compressed_experts"}
+"""Modules that define (and on import register) the other built-in kinds; imported on first need."""
+
+
+def _builder(kind: str | None) -> Callable[[dict, nn.Module], nn.Module] | None:
+    if kind is not None and kind not in _KINDS and kind in _PROVIDERS:
+        module = importlib.import_module(_PROVIDERS[kind])
+        _KINDS.setdefault(kind, getattr(module, f"build_{kind}", None))
+    return _KINDS.get(kind)
 
 
 def register_experts_kind(kind: str, build: Callable[[dict, nn.Module], nn.Module]) -> None:
@@ -70,7 +80,8 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
     for index, entry in structure.items():
         layer = by_index.get(int(index))
         kind = entry.get("experts", {}).get("kind")
-        if layer is None or (kind is not None and kind not in _KINDS):
+        build = _builder(kind)
+        if layer is None or (kind is not None and build is None):
             raise CheckpointError(
                 f"The saved structure names MoE layer {index} (experts kind {kind!r}), which this model/camera_pl "
                 "cannot rebuild (mismatched config, or a camera_pl version without that kind)."
@@ -80,7 +91,7 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
             keep[: entry["num_experts"]] = True
             remove_experts(layer, keep)
         if kind is not None:
-            new = _KINDS[kind](entry["experts"]["spec"], layer.experts)
+            new = build(entry["experts"]["spec"], layer.experts)
             setattr(layer.block, layer.spec.experts, new)
             layer.experts = new
         elif entry["intermediate_size"] != layer.intermediate_size:
