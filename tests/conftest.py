@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from camera_pl.testing import TINY_CONFIGS, tiny_moe
 
@@ -26,3 +28,13 @@ def make_batch(seed: int = 0, batch: int = 3, seq: int = 10, vocab: int = 96, pa
 @pytest.fixture
 def model(arch):
     return tiny_moe(arch)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (no merges) plus EOS and PAD: token counts are predictable."""
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab.update({"<eos>": len(vocab), "<pad>": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")

@@ -7,20 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from camera_pl.data import IGNORE_INDEX, TextDataModule, pack_blocks, split_of, stdlib_corpus, stdlib_root
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with no merges: one token per byte, plus EOS and PAD."""
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab.update({"<eos>": len(vocab), "<pad>": len(vocab) + 1})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
 FRACTIONS = (0.2, 0.2)  # small corpora need larger held-out shares

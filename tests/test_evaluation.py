@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -27,16 +26,6 @@ from camera_pl.evaluation import (
 from camera_pl.tasks import TASKS, build_examples, build_tasks
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte (no merges) plus EOS and PAD: token counts are predictable."""
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab.update({"<eos>": len(vocab), "<pad>": len(vocab) + 1})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")
