@@ -42,7 +42,7 @@ METHODS = [  # (label, method, allocation)
 RESULTS = Path(__file__).parent / "results"
 
 
-def latency(model, batch, repeats: int = 5) -> float:
+def latency(model, batch, repeats: int = 3) -> float:
     times = []
     with torch.no_grad():
         model(**batch)
@@ -81,8 +81,17 @@ def main() -> None:
     timing_batch = {k: v for k, v in test[0].items() if k != "labels"}
     stats = collect_stats(dense, calib)
     base = evaluate(dense, tokenizer, test, tasks, timing_batch)
+    header = [
+        f"# Pruning quality on the reference model ({type(dense).__name__}, "
+        f"{len(test)}x{test[0]['input_ids'].numel()} test tokens, {args.examples} examples per task, "
+        f"stats from {stats.tokens} validation tokens, CPU latency = median of 3 forwards of one 8x128 batch)",
+        "",
+        "| method | pruned | perplexity | next_line acc | docstring_match acc | expert params | CPU ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     rows = [("dense", "-", base)]
-    print(f"dense: {base}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "pruning_quality.md"
     for ratio in args.ratios:
         for label, method, allocation in METHODS:
             if label not in args.methods:
@@ -90,24 +99,13 @@ def main() -> None:
             model = copy.deepcopy(dense)
             kw = {"calib_dataloader": calib} if method == "naee" else {}
             prune(model, None if method == "naee" else stats, ratio, method=method, allocation=allocation, **kw)
-            row = evaluate(model, tokenizer, test, tasks, timing_batch)
-            rows.append((label, f"{int(ratio * 100)}%", row))
-            print(f"{label} {ratio}: {row}")
-    lines = [
-        f"# Pruning quality on the reference model ({type(dense).__name__}, "
-        f"{len(test)}x{test[0]['input_ids'].numel()} test tokens, {args.examples} examples per task, "
-        f"stats from {stats.tokens} validation tokens, CPU latency = median of 5 forwards of one 8x128 batch)",
-        "",
-        "| method | pruned | perplexity | next_line acc | docstring_match acc | expert params | CPU ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for label, ratio, r in rows:
-        lines.append(f"| {label} | {ratio} | {r['ppl']:.2f} | {r['next_line']:.3f} | {r['docstring_match']:.3f} | "
-                     f"{r['expert_params']:,} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "pruning_quality.md"
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            rows.append((label, f"{int(ratio * 100)}%", evaluate(model, tokenizer, test, tasks, timing_batch)))
+            print(f"{label} {ratio}: {rows[-1][2]}", flush=True)
+            lines = header + [
+                f"| {name} | {r} | {m['ppl']:.2f} | {m['next_line']:.3f} | {m['docstring_match']:.3f} | "
+                f"{m['expert_params']:,} | {m['ms']:.1f} | {base['ms'] / m['ms']:.2f}x |" for name, r, m in rows]
+            out.write_text("\n".join(lines) + "\n")  # rewritten after every row: partial runs keep their results
+    print(out.read_text())
     print(f"written to {out}")
 
 

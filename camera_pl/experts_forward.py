@@ -145,7 +145,7 @@ def camera_experts_forward(
     weights = top_k_weights.reshape(-1)[order_v]
     acts, out = _sorted_activations(self, hidden_states[token_ids], expert_v, ends)
     if observer is not None:
-        norms = torch.linalg.vector_norm(out.float(), dim=-1)
+        norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
         observer.observe(expert_v, token_ids, weights, acts, norms, top_k_weights)
     out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
     slots = hidden_states.new_zeros(flat.numel(), hidden_states.shape[-1], dtype=out_dtype)

@@ -95,19 +95,19 @@ class LayerObserver:
         keep = mask[token_ids].float()
         lengths = torch.bincount(expert_ids, minlength=self.layer.num_experts)
         g = weights.float() * keep
-        a2 = acts.float().square()
-        per_expert = {  # rows arrive sorted by expert: segment reductions, no atomics
-            "sq_sum": a2 * g.square()[:, None],
-            "act_sq_sum": a2 * keep[:, None],
-            "count": keep,
-            "weight_sum": g,
-            "out_norm_sum": out_norms * keep,
-            "weighted_out_norm_sum": out_norms * g,
-        }
-        for name, rows in per_expert.items():
-            self._state(name).add_(torch.segment_reduce(rows, "sum", lengths=lengths, axis=0, unsafe=True))
-        peak = torch.segment_reduce(per_expert["sq_sum"], "max", lengths=lengths, axis=0, unsafe=True, initial=0.0)
-        torch.maximum(self._state("sq_max"), peak, out=self._state("sq_max"))
+
+        def per_expert(rows: torch.Tensor, how: str = "sum") -> torch.Tensor:  # rows arrive sorted by expert
+            return torch.segment_reduce(rows, how, lengths=lengths, axis=0, unsafe=True, initial=0.0)
+
+        a2 = acts.float()  # one float32 [S, I] buffer, reused in place below
+        a2 = a2.square_() if a2.data_ptr() != acts.data_ptr() else a2.square()
+        self._state("act_sq_sum").add_(per_expert(a2.mul_(keep[:, None])))
+        ga2 = a2.mul_(weights.float().square()[:, None])  # keep is 0/1, so keep * g^2 a^2 = (g a)^2 of kept rows
+        self._state("sq_sum").add_(per_expert(ga2))
+        torch.maximum(self._state("sq_max"), per_expert(ga2, "max"), out=self._state("sq_max"))
+        for name, rows in (("count", keep), ("weight_sum", g), ("out_norm_sum", out_norms * keep),
+                           ("weighted_out_norm_sum", out_norms * g)):
+            self._state(name).add_(per_expert(rows))
         if top_k_weights.shape[1] >= 2:
             top2 = top_k_weights.float().topk(2, dim=-1).values
             ratio = top2[:, 1] / top2[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
