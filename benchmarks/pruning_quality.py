@@ -6,7 +6,7 @@ perplexity, the two multiple-choice tasks (next_line, docstring_match; accuracy)
 median CPU forward latency of one evaluation batch, all measured in this one run. Micro-
 level methods remove floor(ratio x micro-experts) per layer; expert-level methods remove
 round(ratio x E) experts per layer — the table lists the expert parameters each removed,
-so unequal counts are visible. Writes benchmarks/results/pruning_quality.md.
+so unequal counts are visible. Writes benchmarks/results/pruning_quality.md (or --out).
 
     python benchmarks/pruning_quality.py [--ratios 0.2 0.4 0.6] [--eval-batches 24] [--examples 200]
 """
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=24)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS])
+    parser.add_argument("--out", default="pruning_quality.md", help="file name under benchmarks/results/")
     args = parser.parse_args()
     torch.manual_seed(0)
     dense, tokenizer = reference_model()
@@ -91,7 +92,7 @@ def main() -> None:
     ]
     rows = [("dense", "-", base)]
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "pruning_quality.md"
+    out = RESULTS / args.out
     for ratio in args.ratios:
         for label, method, allocation in METHODS:
             if label not in args.methods:

@@ -203,7 +203,10 @@ def _update_config(model: nn.Module, layers: list[MoELayer]) -> None:
     config = model.config
     counts = {layer.num_experts for layer in layers}
     if len(counts) == 1:
-        setattr(config, spec.num_experts_key, counts.pop())
+        count = counts.pop()
+        setattr(config, spec.num_experts_key, count)
+        if hasattr(model, "num_experts"):  # the causal LM's router aux loss sizes its tensors by this
+            model.num_experts = count
     if all(not layer.is_ragged for layer in layers):
         widths = {layer.intermediate_size for layer in layers}
         if len(widths) == 1:

@@ -222,3 +222,11 @@ def test_ragged_padded_grouped_path_matches_per_expert_path(arch, monkeypatch):
     for index, entry in stats_loop.layers.items():
         for name in ("sq_sum", "sq_max", "act_sq_sum", "out_norm_sum"):
             torch.testing.assert_close(stats_grouped.layers[index][name], entry[name], rtol=1e-4, atol=1e-6)
+
+
+def test_expert_removal_keeps_router_aux_loss_working():
+    model = tiny_moe("qwen3_moe", output_router_logits=True)
+    batch = make_batch()
+    prune(model, collect_stats(model, [batch]), 0.25, method="frequency")
+    out = model(**batch, labels=batch["input_ids"])
+    assert torch.isfinite(out.loss) and out.aux_loss is not None
