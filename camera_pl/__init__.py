@@ -8,6 +8,8 @@ from camera_pl.adapters import (
     register_adapter,
     supported_model_types,
 )
+from camera_pl.compressed_experts import CompressedExperts, compress_experts
+from camera_pl.dynamic import OdpHandle, apply_odp
 from camera_pl.prune import PruneReport, prune
 from camera_pl.serialization import CheckpointError, load, register_experts_kind, save
 from camera_pl.scores import LayerScores, register_score, score_methods
@@ -16,6 +18,10 @@ from camera_pl.stats import MicroExpertStats, StatsMismatchError, collect_stats
 __all__ = [
     "ArchitectureSpec",
     "CheckpointError",
+    "CompressedExperts",
+    "OdpHandle",
+    "apply_odp",
+    "compress_experts",
     "PruneReport",
     "load",
     "prune",

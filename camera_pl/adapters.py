@@ -153,12 +153,16 @@ class MoELayer:
 
     @property
     def hidden_size(self) -> int:
+        if getattr(self.experts, "kind", None) is not None:  # camera_pl modules record their shapes
+            return int(self.experts.hidden_size)
         return self.down(0).shape[0]
 
     @property
     def intermediate_size(self) -> int:
         """Original width of every expert (micro-expert index space of the statistics)."""
-        return int(self.experts.intermediate_size) if self.is_ragged else self.down(0).shape[1]
+        if getattr(self.experts, "kind", None) is not None:
+            return int(self.experts.intermediate_size)
+        return self.down(0).shape[1]
 
     def expert_channels(self, e: int) -> torch.Tensor:
         """Original indices of expert ``e``'s micro-experts still present."""

@@ -1,0 +1,80 @@
+"""Calibration inputs of one MoE layer: what its routed experts receive, captured in the model's forward.
+
+GPTQ needs each expert's inputs (for its Hessians) and PMQ needs the layer's inputs (to
+measure output errors). :func:`capture_layer_inputs` runs the model over calibration
+batches and records, for one layer, the tokens entering its experts module together
+with their routing; the forward is cut short right after that layer, so capturing layer
+``l`` costs ``l + 1`` decoder layers per batch. Called layer by layer while quantizing,
+this gives sequential calibration: layer ``l`` sees the outputs of the already quantized
+layers before it (as GPTQ and CAMERA's public code do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from camera_pl.adapters import MoELayer
+
+
+@dataclass
+class LayerInputs:
+    """Unpadded calibration tokens of one layer: ``hidden [T, H]``, ``index``/``weights [T, k]``."""
+
+    hidden: torch.Tensor
+    index: torch.Tensor
+    weights: torch.Tensor
+
+    def routed(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(token positions, slots)`` of the tokens routed to expert ``e``."""
+        return torch.where(self.index == e)
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward once the layer's input is recorded."""
+
+
+def capture_layer_inputs(model: nn.Module, layer: MoELayer, dataloader: Iterable,
+                         max_tokens: int | None = None) -> LayerInputs:
+    """Inputs of ``layer``'s experts over ``dataloader`` (dicts with ``input_ids``, optional ``attention_mask``).
+
+    Padding tokens are dropped. Stops after the batch that reaches ``max_tokens`` tokens.
+    """
+    device = next(model.parameters()).device
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    mask: torch.Tensor | None = None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+        hidden, index, weights = values[:3]
+        keep = mask.reshape(-1).to(hidden.device)
+        parts.append((hidden[keep].detach(), index[keep].detach(), weights[keep].detach()))
+        raise _Captured
+
+    handle = layer.experts.register_forward_pre_hook(hook, with_kwargs=True)
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                    raise TypeError("Calibration batches must be dicts with 'input_ids' (and optional "
+                                    f"'attention_mask'); got {type(batch).__name__}.")
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+                try:
+                    model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+                except _Captured:
+                    pass
+                tokens += int(mask.sum())
+                if max_tokens is not None and tokens >= max_tokens:
+                    break
+    finally:
+        handle.remove()
+    if not parts or tokens == 0:
+        raise ValueError("The calibration dataloader gave no tokens; pass batches with unpadded input_ids.")
+    hidden, index, weights = (torch.cat(p) for p in zip(*parts))
+    return LayerInputs(hidden, index, weights)

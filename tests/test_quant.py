@@ -1,0 +1,220 @@
+"""Mixed-precision expert quantization: quantizers, packed storage, allocations, PMQ, round trips, errors."""
+
+import itertools
+
+import pytest
+import torch
+
+from camera_pl import collect_stats, moe_layers
+from camera_pl.quant import QuantizedExperts, gptq, quantize, rtn
+from camera_pl.quant.allocation import pmq_bits, solve_budget
+from camera_pl.quant.calibration import capture_layer_inputs
+from camera_pl.quant.layer import quantize_routed
+from camera_pl.quant.methods import uniform_allocation
+from camera_pl.quant.packed import pack_codes, run_expert, unpack_codes
+from camera_pl.serialization import load, save
+from camera_pl.testing import tiny_moe
+
+from conftest import make_batch
+
+CALIB = [make_batch(seed=i, batch=4, seq=24) for i in range(3)]
+TEST = make_batch(seed=99, batch=2, seq=16)
+
+
+@pytest.fixture(scope="module")
+def stats_of():
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = collect_stats(tiny_moe(arch), CALIB)
+        return cache[arch]
+
+    return get
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(**TEST).logits
+
+
+def test_rtn_error_decreases_with_bits():
+    w = torch.randn(16, 300)
+    errors = [(rtn(w, b, 128).dequantize() - w).pow(2).sum().item() for b in range(1, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    one = rtn(w, 1, 128)  # sign x mean |W| of each group
+    torch.testing.assert_close(one.dequantize()[:, :128].abs().mean(1), w[:, :128].abs().mean(1), rtol=1e-3, atol=0)
+    mixed = rtn(w, torch.tensor([1, 2, 8, 3] * 4), 100)
+    for r, b in enumerate(mixed.bits.tolist()):
+        torch.testing.assert_close(mixed.dequantize()[r], rtn(w[r:r + 1], b, 100).dequantize()[0])
+    assert not torch.isnan(rtn(torch.zeros(2, 8), 2).dequantize()).any()
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (5, 37), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (5, -(-37 * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, 37), codes)
+
+
+@pytest.mark.parametrize("arch,method", [("qwen2_moe", "camera"), ("gpt_oss", "camera"), ("deepseek_v3", "channel"),
+                                         ("mixtral", "matrix"), ("phimoe", "camera")])
+def test_packed_forward_equals_fake_quant(arch, method, stats_of):
+    kwargs = dict(method=method, avg_bits=None if method == "camera" else 2.5, group_size=16)
+    fake, packed = tiny_moe(arch), tiny_moe(arch)
+    quantize(fake, stats_of(arch), pack=False, **kwargs)
+    report = quantize(packed, stats_of(arch), pack=True, **kwargs)
+    assert all(isinstance(layer.experts, QuantizedExperts) for layer in moe_layers(packed))
+    torch.testing.assert_close(logits(packed), logits(fake), rtol=0, atol=1e-5)
+    assert logits(packed).sub(logits(tiny_moe(arch))).abs().max() > 1e-3  # it did quantize
+    # scales, zeros and bit maps of 16-wide groups add (16 + 8 + 8·groups/row) / 16 ~ 1.6 bits at most
+    assert report.avg_bits < report.bits_per_param < report.avg_bits + 2
+
+
+def test_gptq_beats_rtn_on_calibrated_layer():
+    model = tiny_moe("qwen3_moe")
+    layer = moe_layers(model)[0]
+    inputs = capture_layer_inputs(model, layer, CALIB)
+    reference = layer.experts(inputs.hidden, inputs.index, inputs.weights)
+    bits = uniform_allocation(layer, 2)
+    errors = {}
+    for quantizer in ("rtn", "gptq"):
+        mats, _ = quantize_routed(layer, bits, quantizer, inputs, group_size=16)
+        packed = QuantizedExperts.from_rows(layer.experts, mats, bits.down_axis)
+        with torch.no_grad():
+            errors[quantizer] = (packed(inputs.hidden, inputs.index, inputs.weights) - reference).pow(2).sum().item()
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+    x = torch.randn(500, 64) @ torch.randn(64, 64)
+    w = torch.randn(32, 64)
+    for axis in ("out", "in"):
+        for act_order in (False, True):
+            q = gptq(w, x.t() @ x, 3, 32, axis=axis, act_order=act_order).dequantize()
+            q = q if axis == "out" else q.t()
+            r = rtn(w, 3, 32) if axis == "out" else rtn(w.t(), 3, 32)
+            r = r.dequantize() if axis == "out" else r.dequantize().t()
+            assert ((q - w) @ x.t()).pow(2).sum() < ((r - w) @ x.t()).pow(2).sum()
+
+
+def test_rarely_routed_experts_fall_back_to_layer_hessian():
+    model = tiny_moe("mixtral")
+    layer = moe_layers(model)[0]
+    inputs = capture_layer_inputs(model, layer, CALIB[:1], max_tokens=4)
+    mats, fallback = quantize_routed(layer, uniform_allocation(layer, 3), "gptq", inputs, 16, min_tokens=10**6)
+    assert fallback == list(range(layer.num_experts))
+    assert all(torch.isfinite(q.dequantize()).all() for rows in mats.values() for q in rows)
+
+
+def test_pmq_milp_is_optimal_and_respects_constraints():
+    gen = torch.Generator().manual_seed(0)
+    coef = torch.rand(5, 3, generator=gen).sort(dim=1, descending=True).values
+    for avg in (1.6, 2.0, 2.6):
+        bits = pmq_bits(coef, (1, 2, 3), avg)
+        assert bits.sum() <= 5 * avg and (bits == 3).any() and (bits == 2).any()
+        best = min(sum(coef[i, b - 1] for i, b in enumerate(choice)) for choice in itertools.product((1, 2, 3), repeat=5)
+                   if sum(choice) <= 5 * avg and 3 in choice and 2 in choice)
+        assert abs(sum(coef[i, b - 1] for i, b in enumerate(bits.tolist())) - best) < 1e-6
+    with pytest.raises(ValueError, match="infeasible"):
+        pmq_bits(coef, (1, 2, 3), 1.2)
+
+
+@pytest.mark.parametrize("method", ["camera", "matrix", "channel", "pmq"])
+def test_budgeted_allocations_meet_avg_bits(method, stats_of):
+    model = tiny_moe("qwen2_moe")
+    report = quantize(model, stats_of("qwen2_moe"), method=method, avg_bits=2.5, calib_dataloader=CALIB, group_size=16)
+    for layer in report.layers:
+        assert layer.avg_bits <= 2.5 + 1e-9
+        assert layer.avg_bits >= (2.3 if method != "pmq" else 2.0)
+        assert layer.shared_bits == 3 and layer.shared_bytes > 0
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_other_linears_are_fake_quantized_on_request():
+    model = tiny_moe("qwen3_moe")
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    before = q_proj.detach().clone()
+    quantize(model, method="uniform", avg_bits=8, other_bits=3, group_size=16)
+    assert q_proj.unique().numel() < before.unique().numel()
+    torch.testing.assert_close(q_proj, rtn(before, 3, 16).dequantize())
+
+
+def test_solve_budget_prefers_costly_units():
+    cost = torch.tensor([[10.0, 5.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.1, 0.0]])  # optimum: 4, 1, 1
+    bits = solve_budget(cost, torch.ones(3), (1, 2, 4), 2.0)
+    assert bits.tolist() == [4, 1, 1]
+
+
+def test_save_load_round_trip(tmp_path, stats_of):
+    model = tiny_moe("gpt_oss")
+    report = quantize(model, stats_of("gpt_oss"), method="channel", avg_bits=2.0, group_size=16)
+    before = logits(model)
+    loaded = load(save(model, tmp_path / "q"))
+    assert all(isinstance(layer.experts, QuantizedExperts) for layer in moe_layers(loaded))
+    assert torch.equal(logits(loaded), before)
+    assert report.expert_bytes == sum(layer.experts.memory()["weight_bytes"] for layer in moe_layers(loaded))
+
+
+def test_bf16_model_matches_fake_quant(stats_of):
+    fake, packed = tiny_moe("olmoe", dtype=torch.bfloat16), tiny_moe("olmoe", dtype=torch.bfloat16)
+    stats = collect_stats(tiny_moe("olmoe"), CALIB)
+    quantize(fake, stats, pack=False)
+    quantize(packed, stats)
+    assert logits(packed).dtype == torch.bfloat16
+    torch.testing.assert_close(logits(packed), logits(fake), rtol=0, atol=1e-2)
+
+
+def test_clear_errors(stats_of):
+    with pytest.raises(ValueError, match="1..8"):
+        rtn(torch.randn(2, 4), 9)
+    with pytest.raises(ValueError, match="1..8"):
+        rtn(torch.randn(2, 4), 0)
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match="collect_stats"):
+        quantize(model, None, method="camera")
+    with pytest.raises(ValueError, match="infeasible"):
+        quantize(model, stats_of("qwen3_moe"), method="camera", avg_bits=0.5)
+    with pytest.raises(ValueError, match="infeasible"):
+        quantize(model, stats_of("qwen3_moe"), method="pmq", avg_bits=1.2, calib_dataloader=CALIB)
+    with pytest.raises(ValueError, match="calibration"):
+        quantize(model, stats_of("qwen3_moe"), quantizer="gptq")
+    with pytest.raises(ValueError, match="whole bits"):
+        quantize(model, method="uniform", avg_bits=2.5)
+    with pytest.raises(ValueError, match="sum to 1"):
+        quantize(model, stats_of("qwen3_moe"), groups=((8, 0.5), (2, 0.2)))
+    assert torch.equal(logits(model), logits(tiny_moe("qwen3_moe")))  # nothing was changed by failed calls
+    quantize(model, method="uniform", avg_bits=4)
+    with pytest.raises(ValueError, match="already"):
+        quantize(model, method="uniform", avg_bits=4)
+
+
+def test_run_expert_matches_model_expert():
+    model = tiny_moe("gpt_oss")
+    layer = moe_layers(model)[0]
+    x = torch.randn(7, layer.hidden_size)
+    gate, up, down = layer.stacked_weights()
+    torch.testing.assert_close(run_expert(layer.experts, 2, x, gate[2], up[2], down[2]),
+                               layer.expert_output(2, layer.expert_activation(2, x)))
+
+
+def test_compressed_tensors_export_of_uniform_allocation(tmp_path, stats_of):
+    from safetensors.torch import load_file
+
+    from camera_pl.quant.export import ExportError, export_compressed_tensors
+    from camera_pl.quant.packed import unpack_codes
+
+    model = tiny_moe("qwen3_moe")
+    quantize(model, stats_of("qwen3_moe"), method="matrix", avg_bits=2.5, bit_choices=(2, 3, 4), group_size=16)
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    tensors = load_file(str(out / "model.safetensors"))
+    layer = moe_layers(model)[0]
+    name = "model.layers.0.mlp.experts.3.down_proj"
+    rows, cols = tensors[f"{name}.weight_shape"].tolist()
+    bits = int(layer.experts.down_bits[3, 0])
+    codes = unpack_codes(tensors[f"{name}.weight_packed"].view(torch.uint8), bits, cols).float() - (1 << (bits - 1))
+    scale = tensors[f"{name}.weight_scale"].float().repeat_interleave(16, 1)
+    zero = tensors[f"{name}.weight_zero_point"].float().repeat_interleave(16, 1)
+    torch.testing.assert_close((codes - zero) * scale, layer.experts.expert_weights(3)[2])
+    camera = tiny_moe("qwen3_moe")
+    quantize(camera, stats_of("qwen3_moe"), group_size=16)
+    with pytest.raises(ExportError, match="micro-expert columns"):
+        export_compressed_tensors(camera, tmp_path / "bad")
