@@ -12,7 +12,8 @@ from camera_pl.runner import run_recipe
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 SHORT = {"evaluate": {"examples": 8}, "stats": {"max_tokens": 512}, "recover": {"steps": 2},
-         "finetune": {"epochs": 2, "steps_per_epoch": 2, "schedule": {1: 0.3}}, "compressed_experts": {"steps": 2}}
+         "finetune": {"epochs": 2, "steps_per_epoch": 2, "schedule": {1: 0.3}}, "compressed_experts": {"steps": 2},
+         "quantize": {"quantizer": "rtn"}}  # GPTQ itself is covered by tests/test_quant.py
 
 
 def short(path: Path):
