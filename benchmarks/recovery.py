@@ -1,7 +1,7 @@
 """How much of CAMERA-P's perplexity gap LoRA recovery closes, per 50 training steps.
 
 On the reference model: statistics from validation batches, CAMERA-P (layer allocation)
-at each ratio, then LoRA recovery (rank 8 on attention + expert weights, lr 2e-3, batch
+at each ratio, then LoRA recovery (rank 8 on attention + expert weights, lr 3e-4, batch
 8x128 stdlib train tokens) in chunks of ``--chunk`` steps, each chunk merged before the
 next; after every chunk the test perplexity and the fraction of the gap closed,
 (pruned - recovered) / (pruned - dense), are printed. One run per ratio. Writes
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     torch.manual_seed(0)
     _, tokenizer = reference_model()
@@ -41,7 +42,7 @@ def main() -> None:
     calib = list(itertools.islice(dm.val_dataloader(), 16))
     test = list(itertools.islice(dm.test_dataloader(), args.eval_batches))
     lines = ["# LoRA recovery after CAMERA-P on the reference model",
-             "", f"test perplexity over {args.eval_batches}x1024 tokens; LoRA rank 8, lr 2e-3, chunks of {args.chunk} "
+             "", f"test perplexity over {args.eval_batches}x1024 tokens; LoRA rank 8, lr {args.lr:g}, chunks of {args.chunk} "
              "steps (each merged), one run per ratio", "",
              "| pruned | steps | perplexity | gap closed |", "|---|---|---|---|"]
     for ratio in args.ratios:
@@ -53,7 +54,7 @@ def main() -> None:
         train = iter(dm.train_dataloader())
         for done in range(args.chunk, args.steps + 1, args.chunk):
             batches = list(itertools.islice(train, args.chunk))
-            model = recover(model, batches, steps=args.chunk, lr=2e-3, settings=LoRASettings(rank=8), accelerator="cpu")
+            model = recover(model, batches, steps=args.chunk, lr=args.lr, settings=LoRASettings(rank=8), accelerator="cpu")
             ppl = perplexity(model, test)
             lines.append(f"| {int(ratio * 100)}% | {done} | {ppl:.2f} | {100 * (pruned - ppl) / (pruned - dense):.0f}% |")
             print(lines[-1], flush=True)

@@ -59,3 +59,21 @@ def test_recovery_callback_after_scheduled_pruning():
     assert all(p.requires_grad for p in module.model.parameters())
     with pytest.raises(ValueError, match="rank"):
         LoRASettings(rank=0)
+
+
+def test_recovery_lowers_validation_loss_of_pruned_reference_model():
+    import itertools
+
+    import camera_pl
+    from camera_pl.data import TextDataModule
+    from camera_pl.evaluation import perplexity
+
+    torch.manual_seed(0)
+    model, tokenizer = camera_pl.reference_model()
+    dm = TextDataModule(tokenizer, block_size=128, batch_size=8, max_documents=60)
+    dm.setup()
+    val = list(itertools.islice(dm.val_dataloader(), 6))
+    prune(model, collect_stats(model, val), 0.4)
+    pruned = perplexity(model, val)
+    model = recover(model, list(itertools.islice(dm.train_dataloader(), 40)), steps=40, lr=3e-4, accelerator="cpu")
+    assert perplexity(model, val) < pruned
