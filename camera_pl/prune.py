@@ -155,18 +155,16 @@ def _micro_keep_global(all_scores: dict[int, LayerScores], presents: dict[int, t
         owners.append(torch.full((flat.numel(),), index))
     flat, owner = torch.cat(flats), torch.cat(owners)
     order = torch.sort(flat, stable=True).indices
-    remove = torch.zeros_like(flat, dtype=torch.bool)
+    owner_sorted = owner[order]
+    rank = torch.empty_like(order)  # position of each entry within its own layer's ascending order
+    cap = torch.empty_like(order)
+    for index, f in zip(all_scores, flats):
+        in_layer = owner_sorted == index
+        rank[in_layer] = torch.arange(int(in_layer.sum()))
+        cap[in_layer] = int(math.floor(max_layer_ratio * f.numel()))
     budget = int(math.floor(ratio * flat.numel()))
-    taken = {index: 0 for index in all_scores}
-    caps = {index: int(math.floor(max_layer_ratio * f.numel())) for index, f in zip(all_scores, flats)}
-    for pos in order.tolist():
-        if budget == 0:
-            break
-        index = int(owner[pos])
-        if taken[index] < caps[index]:
-            remove[pos] = True
-            taken[index] += 1
-            budget -= 1
+    remove = torch.zeros_like(flat, dtype=torch.bool)
+    remove[order[rank < cap][:budget]] = True  # lowest first, skipping layers at their cap
     out, start = {}, 0
     for index, f in zip(all_scores, flats):
         keep = ~remove[start : start + f.numel()]

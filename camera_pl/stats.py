@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,6 +20,9 @@ from torch import nn
 
 from camera_pl.adapters import MoELayer, model_signature, moe_layers
 from camera_pl.observation import RATIO_BINS, STATE_LAYOUT, StatsAccumulator, observe
+
+if TYPE_CHECKING:
+    from camera_pl.scores import LayerScores
 
 FORMAT_VERSION = 1
 

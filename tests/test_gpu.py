@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import camera_pl
-from camera_pl import collect_stats, moe_layers, prune
+from camera_pl import collect_stats, prune
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
