@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from camera_pl import collect_stats, moe_layers
-from camera_pl.compressed_experts import compress_experts, routed_parameters_per_token
-from camera_pl.dynamic import apply_odp
-from camera_pl.evaluation import perplexity
-from camera_pl.lightning_module import CausalLMModule
+from camera_pl.experts.compressed import compress_experts, routed_parameters_per_token
+from camera_pl.odp import apply_odp
+from camera_pl.eval.evaluation import perplexity
+from camera_pl.lightning.module import CausalLMModule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dynamic_quality.md"
 

@@ -23,9 +23,9 @@ import torch
 
 from camera_pl import collect_stats, prune
 from camera_pl.data import TextDataModule, stdlib_corpus
-from camera_pl.evaluation import multiple_choice, perplexity
+from camera_pl.eval.evaluation import multiple_choice, perplexity
 from camera_pl.reference import reference_model
-from camera_pl.tasks import build_examples
+from camera_pl.eval.tasks import build_examples
 
 METHODS = [  # (label, method, allocation)
     ("CAMERA-P layer", "camera", "layer"),

@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from camera_pl import collect_stats, prune
-from camera_pl.prune import expert_params
-from camera_pl.adapters import moe_layers
+from camera_pl.pruning.api import expert_params
+from camera_pl.arch.adapters import moe_layers
 
 
 def build(args, dtype) -> torch.nn.Module:

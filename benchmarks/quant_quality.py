@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from camera_pl import collect_stats, moe_layers
-from camera_pl.evaluation import perplexity
+from camera_pl.eval.evaluation import perplexity
 from camera_pl.quant import quantize
 
 BUDGETS = (2.0, 2.5, 3.0)

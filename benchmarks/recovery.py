@@ -20,8 +20,8 @@ import torch
 
 from camera_pl import collect_stats, prune
 from camera_pl.data import TextDataModule
-from camera_pl.evaluation import perplexity
-from camera_pl.recovery import LoRASettings, recover
+from camera_pl.eval.evaluation import perplexity
+from camera_pl.lora import LoRASettings, recover
 from camera_pl.reference import reference_model
 
 RESULTS = Path(__file__).parent / "results"

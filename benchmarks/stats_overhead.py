@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from camera_pl import collect_stats
-from camera_pl.observation import observe
+from camera_pl.stats.observation import observe
 
 
 def build(args, dtype: torch.dtype) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """camera_pl: micro-expert statistics, compression and recovery for MoE LLMs in Lightning."""
 
-from camera_pl.adapters import (
+from camera_pl.arch.adapters import (
     ArchitectureSpec,
     MoELayer,
     UnsupportedModelError,
@@ -8,12 +8,12 @@ from camera_pl.adapters import (
     register_adapter,
     supported_model_types,
 )
-from camera_pl.compressed_experts import CompressedExperts, compress_experts
-from camera_pl.dynamic import OdpHandle, apply_odp
-from camera_pl.prune import PruneReport, prune
+from camera_pl.experts.compressed import CompressedExperts, compress_experts
+from camera_pl.odp import OdpHandle, apply_odp
+from camera_pl.pruning.api import PruneReport, prune
 from camera_pl.serialization import CheckpointError, load, register_experts_kind, save
-from camera_pl.scores import LayerScores, register_score, score_methods
-from camera_pl.stats import MicroExpertStats, StatsMismatchError, collect_stats
+from camera_pl.stats.scores import LayerScores, register_score, score_methods
+from camera_pl.stats.container import MicroExpertStats, StatsMismatchError, collect_stats
 
 __all__ = [
     "ArchitectureSpec",

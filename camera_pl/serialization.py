@@ -22,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from camera_pl.adapters import moe_layers
-from camera_pl.ragged import build_ragged
-from camera_pl.surgery import remove_experts, shrink_fused, shrink_shared
+from camera_pl.arch.adapters import moe_layers
+from camera_pl.experts.ragged import build_ragged
+from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_shared
 
 MANIFEST = "camera_pl.json"
 WEIGHTS = "model.safetensors"
@@ -44,7 +44,7 @@ class SerializableExperts(Protocol):
 
 
 _KINDS: dict[str, Callable[[dict, nn.Module], nn.Module]] = {"ragged": build_ragged}
-_PROVIDERS = {"quantized": "camera_pl.quant.packed", "compressed": "camera_pl.compressed_experts"}
+_PROVIDERS = {"quantized": "camera_pl.experts.quantized", "compressed": "camera_pl.experts.compressed"}
 """Modules that define (and on import register) the other built-in kinds; imported on first need."""
 
 

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 
 from camera_pl.callbacks import MicroExpertStatsCallback
-from camera_pl.lightning_module import CausalLMModule
+from camera_pl.lightning.module import CausalLMModule
 from camera_pl.testing import tiny_moe
 
 

@@ -6,7 +6,7 @@ and the module's own gating function, and checks itself against the model's outp
 
 import torch
 
-from camera_pl.adapters import MoELayer
+from camera_pl.arch.adapters import MoELayer
 
 
 def capture_block_inputs(model, layers: list[MoELayer], batch: dict) -> dict[int, torch.Tensor]:

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import camera_pl
-from camera_pl.adapters import ArchitectureSpec, UnsupportedModelError, moe_layers, register_adapter
+from camera_pl.arch.adapters import ArchitectureSpec, UnsupportedModelError, moe_layers, register_adapter
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch

@@ -3,7 +3,7 @@
 import torch
 
 from camera_pl import collect_stats
-from camera_pl.analysis import energy_shares, routing_frequency, write_report
+from camera_pl.stats.analysis import energy_shares, routing_frequency, write_report
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch

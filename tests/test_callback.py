@@ -11,7 +11,7 @@ import torch
 
 from camera_pl import MicroExpertStats, collect_stats
 from camera_pl.callbacks import MicroExpertStatsCallback
-from camera_pl.lightning_module import CausalLMModule
+from camera_pl.lightning.module import CausalLMModule
 from camera_pl.testing import tiny_moe
 
 from ddp_stats_script import samples

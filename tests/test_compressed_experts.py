@@ -9,13 +9,13 @@ from torch import nn
 
 import camera_pl
 from camera_pl import collect_stats, moe_layers, prune
-from camera_pl.compressed_experts import (
+from camera_pl.experts.compressed import (
     CompressedExperts,
     build_compressed,
     compress_experts,
     routed_parameters_per_token,
 )
-from camera_pl.lightning_module import CausalLMModule
+from camera_pl.lightning.module import CausalLMModule
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from camera_pl import collect_stats, moe_layers, prune
-from camera_pl.dynamic import apply_odp, attention_received, expert_parameter_counts
+from camera_pl.odp import apply_odp, attention_received, expert_parameter_counts
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch

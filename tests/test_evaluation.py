@@ -1,4 +1,4 @@
-"""Tests of camera_pl.evaluation and camera_pl.tasks on tiny models."""
+"""Tests of camera_pl.eval.evaluation and camera_pl.eval.tasks on tiny models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from camera_pl.evaluation import (
+from camera_pl.eval.evaluation import (
     EvaluationCallback,
     MCExample,
     TokenPerplexity,
@@ -23,7 +23,7 @@ from camera_pl.evaluation import (
     unigram_perplexity,
     write_task,
 )
-from camera_pl.tasks import TASKS, build_examples, build_tasks
+from camera_pl.eval.tasks import TASKS, build_examples, build_tasks
 
 IGNORE = -100
 

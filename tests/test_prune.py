@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import camera_pl
 from camera_pl import collect_stats, moe_layers, prune
-from camera_pl.ragged import RaggedExperts
+from camera_pl.experts.ragged import RaggedExperts
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
@@ -186,7 +186,7 @@ def test_naee_removes_the_least_harmful_experts():
     report = prune(model, None, 1 / 3, method="naee", calib_dataloader=[batch])
     assert all(len(layer.experts_removed) == 2 for layer in report.layers)
     # the chosen pair is at least as good as any other pair on the calibration layer inputs
-    from camera_pl.naee import _removal_error, cache_layer_inputs
+    from camera_pl.pruning.naee import _removal_error, cache_layer_inputs
 
     layers = moe_layers(reference)
     inputs = cache_layer_inputs(reference, layers, [batch])
@@ -197,7 +197,7 @@ def test_naee_removes_the_least_harmful_experts():
     assert chosen <= min(_removal_error(layer, inputs[0], y, (a, b)) for a in range(6) for b in range(a + 1, 6)) + 1e-6
     with pytest.raises(ValueError, match="calib_dataloader"):
         prune(tiny_moe("mixtral"), None, 0.3, method="naee")
-    from camera_pl.naee import naee_keep
+    from camera_pl.pruning.naee import naee_keep
 
     greedy = naee_keep(layers, inputs, 2, exhaustive_max=2)  # greedy search beyond the exhaustive limit
     assert all(int((~keep).sum()) == 2 for keep in greedy.values())

@@ -6,7 +6,7 @@ import torch
 
 from camera_pl import moe_layers
 from camera_pl.callbacks import CameraPruning, MicroExpertStatsCallback
-from camera_pl.lightning_module import CausalLMModule
+from camera_pl.lightning.module import CausalLMModule
 from camera_pl.testing import tiny_moe
 
 from ddp_stats_script import samples

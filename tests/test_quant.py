@@ -11,7 +11,7 @@ from camera_pl.quant.allocation import pmq_bits, solve_budget
 from camera_pl.quant.calibration import capture_layer_inputs
 from camera_pl.quant.layer import quantize_routed
 from camera_pl.quant.methods import uniform_allocation
-from camera_pl.quant.packed import pack_codes, run_expert, unpack_codes
+from camera_pl.experts.quantized import pack_codes, run_expert, unpack_codes
 from camera_pl.serialization import load, save
 from camera_pl.testing import tiny_moe
 
@@ -200,7 +200,7 @@ def test_compressed_tensors_export_of_uniform_allocation(tmp_path, stats_of):
     from safetensors.torch import load_file
 
     from camera_pl.quant.export import ExportError, export_compressed_tensors
-    from camera_pl.quant.packed import unpack_codes
+    from camera_pl.experts.quantized import unpack_codes
 
     model = tiny_moe("qwen3_moe")
     quantize(model, stats_of("qwen3_moe"), method="matrix", avg_bits=2.5, bit_choices=(2, 3, 4), group_size=16)

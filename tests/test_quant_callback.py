@@ -9,7 +9,7 @@ import torch
 from camera_pl import collect_stats, moe_layers
 from camera_pl.callbacks import MicroExpertStatsCallback
 from camera_pl.callbacks.quantization import CameraQuantization
-from camera_pl.lightning_module import CausalLMModule
+from camera_pl.lightning.module import CausalLMModule
 from camera_pl.quant import QuantizedExperts
 from camera_pl.testing import tiny_moe
 

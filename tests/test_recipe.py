@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from camera_pl.recipe import PruneStep, RecipeError, load_recipe
+from camera_pl.workflows.recipe import PruneStep, RecipeError, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

@@ -6,8 +6,8 @@ import torch
 
 from camera_pl import collect_stats, prune
 from camera_pl.callbacks import CameraPruning, MicroExpertStatsCallback
-from camera_pl.lightning_module import CausalLMModule
-from camera_pl.recovery import LoRARecovery, LoRASettings, add_lora, expert_parameter_targets, merge_lora, recover
+from camera_pl.lightning.module import CausalLMModule
+from camera_pl.lora import LoRARecovery, LoRASettings, add_lora, expert_parameter_targets, merge_lora, recover
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
@@ -66,7 +66,7 @@ def test_recovery_lowers_validation_loss_of_pruned_reference_model():
 
     import camera_pl
     from camera_pl.data import TextDataModule
-    from camera_pl.evaluation import perplexity
+    from camera_pl.eval.evaluation import perplexity
 
     torch.manual_seed(0)
     model, tokenizer = camera_pl.reference_model()

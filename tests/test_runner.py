@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from camera_pl.cli import main
-from camera_pl.recipe import load_recipe
-from camera_pl.runner import run_recipe
+from camera_pl.workflows.cli import main
+from camera_pl.workflows.recipe import load_recipe
+from camera_pl.workflows.runner import run_recipe
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

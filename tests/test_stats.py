@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from camera_pl import MicroExpertStats, StatsMismatchError, collect_stats, moe_layers
-from camera_pl.observation import observe
+from camera_pl.stats.observation import observe
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch

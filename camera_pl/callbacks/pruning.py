@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from camera_pl.callbacks.stats import MicroExpertStatsCallback, find_moe_model
-from camera_pl.prune import PruneReport, prune
+from camera_pl.pruning.api import PruneReport, prune
 from camera_pl.serialization import apply_structure, describe_structure
-from camera_pl.stats import collect_stats
+from camera_pl.stats.container import collect_stats
 
 STRUCTURE_KEY = "camera_pl_structure"
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from camera_pl.adapters import MoELayer, moe_layers
+from camera_pl.arch.adapters import MoELayer, moe_layers
 from camera_pl.callbacks.stats import MicroExpertStatsCallback, find_moe_model
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.api import QuantReport, allocate, quantize

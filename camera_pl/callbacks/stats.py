@@ -9,14 +9,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from camera_pl.adapters import moe_layers
-from camera_pl.observation import Observation, StatsAccumulator, observe
-from camera_pl.stats import MicroExpertStats
+from camera_pl.arch.adapters import moe_layers
+from camera_pl.stats.observation import Observation, StatsAccumulator, observe
+from camera_pl.stats.container import MicroExpertStats
 
 
 def find_moe_model(pl_module: nn.Module) -> nn.Module:
     """The transformers MoE model inside a LightningModule (``.model``, or the first registered one)."""
-    from camera_pl.adapters import UnsupportedModelError, architecture_spec
+    from camera_pl.arch.adapters import UnsupportedModelError, architecture_spec
 
     candidates = [pl_module.model] if isinstance(getattr(pl_module, "model", None), nn.Module) else []
     candidates += [m for m in pl_module.modules() if hasattr(m, "config") and hasattr(m, "set_experts_implementation")]

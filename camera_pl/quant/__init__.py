@@ -9,7 +9,7 @@
 
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.api import LayerReport, QuantReport, allocate, quantize
-from camera_pl.quant.packed import QuantizedExperts
+from camera_pl.experts.quantized import QuantizedExperts
 from camera_pl.quant.quantizers import QuantizedRows, gptq, rtn
 
 __all__ = ["LayerBits", "LayerReport", "QuantReport", "QuantizedExperts", "QuantizedRows", "allocate", "gptq",

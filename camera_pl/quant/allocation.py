@@ -2,7 +2,7 @@
 
 An allocation (:class:`LayerBits`) gives a bit-width to every quantized row of the layer
 (gate rows, up rows, down rows of ``down.T`` or of ``down``, see
-:mod:`camera_pl.quant.packed`). The methods differ in granularity:
+:mod:`camera_pl.experts.quantized`). The methods differ in granularity:
 
 * ``camera`` (CAMERA-Q, METHODS §3): per micro-expert — gate row j, up row j and down column
   j share one bit-width. Either rank groups (top 10% at 8 bits, next 30% at 4, rest at 2 by

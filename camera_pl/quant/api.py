@@ -23,12 +23,12 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from camera_pl.adapters import moe_layers
+from camera_pl.arch.adapters import moe_layers
 from camera_pl.quant import methods
 from camera_pl.quant.allocation import DEFAULT_CHOICES, DEFAULT_GROUPS, LayerBits, check_groups
 from camera_pl.quant.calibration import capture_layer_inputs
 from camera_pl.quant.layer import quantize_linear, quantize_routed, quantize_shared, write_back
-from camera_pl.quant.packed import QuantizedExperts
+from camera_pl.experts.quantized import QuantizedExperts
 from camera_pl.quant.quantizers import check_bits
 
 METHODS = ("camera", "pmq", "uniform", "matrix", "channel")

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from camera_pl.adapters import MoELayer
+from camera_pl.arch.adapters import MoELayer
 
 
 @dataclass

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from camera_pl.adapters import moe_layers
-from camera_pl.quant.packed import QuantizedExperts
+from camera_pl.arch.adapters import moe_layers
+from camera_pl.experts.quantized import QuantizedExperts
 
 _PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 

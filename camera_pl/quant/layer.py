@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camera_pl.adapters import MoELayer
+from camera_pl.arch.adapters import MoELayer
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.calibration import LayerInputs
-from camera_pl.quant.packed import expert_act
+from camera_pl.experts.quantized import expert_act
 from camera_pl.quant.quantizers import QuantizedRows, gptq, rtn
 
 

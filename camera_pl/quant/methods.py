@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from camera_pl.adapters import MoELayer
+from camera_pl.arch.adapters import MoELayer
 from camera_pl.quant.allocation import LayerBits, pmq_bits, rank_groups, row_errors, solve_budget, uniform_bits
 from camera_pl.quant.calibration import LayerInputs
-from camera_pl.quant.packed import run_expert
+from camera_pl.experts.quantized import run_expert
 from camera_pl.quant.quantizers import rtn
 
 

@@ -60,7 +60,7 @@ class QuantizedRows:
     """A quantized matrix ``[R, C]``: codes, per-group scales/zeros and per-row bit-widths.
 
     Attributes:
-        codes: uint8 ``[R, C]`` integer codes (unpacked; :mod:`camera_pl.quant.packed` bit-packs them).
+        codes: uint8 ``[R, C]`` integer codes (unpacked; :mod:`camera_pl.experts.quantized` bit-packs them).
         scale: float16 ``[R, G]`` per-group scales.
         zero: uint8 ``[R, G]`` per-group zero points (0 and unused in 1-bit rows).
         bits: int64 ``[R]`` bit-width of each row.

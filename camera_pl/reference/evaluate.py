@@ -1,7 +1,7 @@
 """Evaluate the shipped reference model: test perplexity, unigram baseline, zero-shot tasks.
 
 Run ``python -m camera_pl.reference.evaluate [--weights DIR]``.  It rebuilds the
-stdlib test split and the held-out multiple-choice tasks (`camera_pl.tasks`),
+stdlib test split and the held-out multiple-choice tasks (`camera_pl.eval.tasks`),
 prints the figures as JSON and stores them under ``"evaluation"`` in
 ``DIR/metrics.json``.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from camera_pl.data import TextDataModule
-from camera_pl.evaluation import load_task, multiple_choice, perplexity, unigram_perplexity
+from camera_pl.eval.evaluation import load_task, multiple_choice, perplexity, unigram_perplexity
 from camera_pl.reference import WEIGHTS_DIR, reference_model
 from camera_pl.reference.train import config_summary
-from camera_pl.tasks import build_tasks
+from camera_pl.eval.tasks import build_tasks
 
 
 def evaluate(weights_dir: Path, block_size: int, batch_size: int, n_examples: int) -> dict:

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from camera_pl.data import TextDataModule, stdlib_corpus
-from camera_pl.evaluation import perplexity, unigram_perplexity
+from camera_pl.eval.evaluation import perplexity, unigram_perplexity
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

@@ -43,11 +43,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from camera_pl.adapters import MoELayer, moe_layers
-from camera_pl.experts_forward import IMPLEMENTATION as CAMERA_EXPERTS
+from camera_pl.arch.adapters import MoELayer, moe_layers
+from camera_pl.arch.forward import IMPLEMENTATION as CAMERA_EXPERTS
 
 if TYPE_CHECKING:
-    from camera_pl.stats import MicroExpertStats
+    from camera_pl.stats.container import MicroExpertStats
 
 ATTENTION = "camera_pl_odp"
 CHUNK_ELEMENTS = 1 << 22

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from camera_pl.data import stdlib_corpus
-from camera_pl.evaluation import MCExample, write_task
+from camera_pl.eval.evaluation import MCExample, write_task
 
 TASKS = ("next_line", "docstring_match")
 NUM_CHOICES = 4

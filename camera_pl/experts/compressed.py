@@ -26,10 +26,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from camera_pl.adapters import ArchitectureSpec, MoELayer, moe_layers
-from camera_pl.dynamic import expert_parameter_counts
-from camera_pl.experts_forward import expert_output
-from camera_pl.ragged import RaggedExperts, build_ragged
+from camera_pl.arch.adapters import ArchitectureSpec, MoELayer, moe_layers
+from camera_pl.odp import expert_parameter_counts
+from camera_pl.arch.forward import expert_output
+from camera_pl.experts.ragged import RaggedExperts, build_ragged
 
 KIND = "compressed"
 TRAINABLE = ("all", "vectors")

@@ -1,7 +1,7 @@
 """CAMERA-P and its baselines: choose micro-experts (or experts) to remove, then remove them.
 
 ``prune(model, stats, ratio, method, allocation)`` ranks by a registered score
-(:mod:`camera_pl.scores`) and edits the model in place (:mod:`camera_pl.surgery`):
+(:mod:`camera_pl.stats.scores`) and edits the model in place (:mod:`camera_pl.pruning.surgery`):
 
 * ``layer`` (CAMERA-P): per MoE layer, rank all routed and shared micro-experts together and
   drop the lowest ``ratio`` fraction — widths become unequal (:class:`RaggedExperts`);
@@ -10,7 +10,7 @@
 * ``global``: one ranking across layers, no layer losing more than ``max_layer_ratio``.
 
 Expert-level methods (``frequency``, ``reap``, ``ean`` from statistics; ``naee`` from
-``calib_dataloader``, see :mod:`camera_pl.naee`) remove ``round(ratio · E)`` whole experts
+``calib_dataloader``, see :mod:`camera_pl.pruning.naee`) remove ``round(ratio · E)`` whole experts
 per layer with their router rows. Micro-experts already
 removed by an earlier call count as removed (ratios refer to the original model), so
 calling ``prune`` with rising ratios gives a gradual schedule.
@@ -25,11 +25,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from camera_pl.adapters import MoELayer, architecture_spec, moe_layers
-from camera_pl.naee import cache_layer_inputs, naee_keep
-from camera_pl.scores import LayerScores, score_level
-from camera_pl.stats import MicroExpertStats, collect_stats
-from camera_pl.surgery import remove_experts, remove_router_rows, shrink_fused, shrink_shared, to_ragged
+from camera_pl.arch.adapters import MoELayer, architecture_spec, moe_layers
+from camera_pl.pruning.naee import cache_layer_inputs, naee_keep
+from camera_pl.stats.scores import LayerScores, score_level
+from camera_pl.stats.container import MicroExpertStats, collect_stats
+from camera_pl.pruning.surgery import remove_experts, remove_router_rows, shrink_fused, shrink_shared, to_ragged
 
 ALLOCATIONS = ("layer", "expert", "global")
 

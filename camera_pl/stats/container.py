@@ -1,6 +1,6 @@
 """``MicroExpertStats``: the statistics of one model, with scoring, saving and loading.
 
-Besides the streamed activation statistics (see :mod:`camera_pl.observation`) the
+Besides the streamed activation statistics (see :mod:`camera_pl.stats.observation`) the
 container keeps a snapshot of per-micro-expert weight norms (``‖W_down[:, j]‖²`` and the
 gate/up row norms) so scores can be computed without the model; pass ``model=`` to
 :meth:`MicroExpertStats.scores` to read the current weights instead.
@@ -18,11 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from camera_pl.adapters import MoELayer, model_signature, moe_layers
-from camera_pl.observation import RATIO_BINS, STATE_LAYOUT, StatsAccumulator, observe
+from camera_pl.arch.adapters import MoELayer, model_signature, moe_layers
+from camera_pl.stats.observation import RATIO_BINS, STATE_LAYOUT, StatsAccumulator, observe
 
 if TYPE_CHECKING:
-    from camera_pl.scores import LayerScores
+    from camera_pl.stats.scores import LayerScores
 
 FORMAT_VERSION = 1
 
@@ -102,8 +102,8 @@ class MicroExpertStats:
         )
 
     def scores(self, method: str = "camera", **kwargs) -> dict[int, "LayerScores"]:
-        """Per-layer scores by a registered method (see :mod:`camera_pl.scores`)."""
-        from camera_pl.scores import compute_scores
+        """Per-layer scores by a registered method (see :mod:`camera_pl.stats.scores`)."""
+        from camera_pl.stats.scores import compute_scores
 
         return compute_scores(self, method, **kwargs)
 

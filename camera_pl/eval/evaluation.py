@@ -9,7 +9,7 @@
 * `multiple_choice` scores lm-eval style tasks (sum of continuation
   log-likelihoods; ``acc`` and byte-length-normalised ``acc_norm``) read from
   JSONL files (`load_task`; fields ``context``, ``choices``, ``label``).
-  `camera_pl.tasks` builds such files from held-out corpus files.
+  `camera_pl.eval.tasks` builds such files from held-out corpus files.
 * `EvaluationCallback` logs these figures during Lightning validation.
 """
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from camera_pl.adapters import MoELayer, moe_layers
-from camera_pl.experts_forward import IMPLEMENTATION
+from camera_pl.arch.adapters import MoELayer, moe_layers
+from camera_pl.arch.forward import IMPLEMENTATION
 
 RATIO_BINS = 1000
 """Histogram bins of the top-2/top-1 routing-weight ratio on [0, 1] (median resolution 1e-3)."""

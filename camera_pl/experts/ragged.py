@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camera_pl.experts_forward import camera_experts_forward
+from camera_pl.arch.forward import camera_experts_forward
 
 
 def _strip_weights(experts: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from camera_pl.recipe import Recipe
+from camera_pl.workflows.recipe import Recipe
 
 MODEL_CHANGING = {"prune", "recover", "finetune", "quantize", "compressed_experts"}
 
@@ -76,8 +76,8 @@ def build_datamodule(spec, tokenizer):
 
 
 def model_size(model: nn.Module) -> dict[str, float]:
-    from camera_pl.adapters import moe_layers
-    from camera_pl.prune import expert_params
+    from camera_pl.arch.adapters import moe_layers
+    from camera_pl.pruning.api import expert_params
 
     params = sum(p.numel() for p in model.parameters())
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -86,7 +86,7 @@ def model_size(model: nn.Module) -> dict[str, float]:
 
 # ---- steps --------------------------------------------------------------------------------
 def step_stats(ctx: RunContext, step) -> None:
-    from camera_pl.stats import collect_stats
+    from camera_pl.stats.container import collect_stats
 
     ctx.stats = collect_stats(ctx.model, ctx.loader("validation", ctx.recipe.data.calib_batches), step.max_tokens)
     ctx.stats.meta["reduce_ratio"] = step.reduce_ratio
@@ -96,14 +96,14 @@ def step_stats(ctx: RunContext, step) -> None:
 
 def _stats_or_collect(ctx: RunContext):
     if ctx.stats is None:
-        from camera_pl.recipe import StatsStep
+        from camera_pl.workflows.recipe import StatsStep
 
         step_stats(ctx, StatsStep())
     return ctx.stats
 
 
 def step_prune(ctx: RunContext, step) -> None:
-    from camera_pl.prune import prune
+    from camera_pl.pruning.api import prune
 
     stats = None if step.sequential else _stats_or_collect(ctx)
     reduce_ratio = ctx.stats.meta.get("reduce_ratio", 0.9) if ctx.stats is not None else 0.9
@@ -117,7 +117,7 @@ def step_prune(ctx: RunContext, step) -> None:
 
 
 def step_recover(ctx: RunContext, step) -> None:
-    from camera_pl.recovery import LoRASettings, recover
+    from camera_pl.lora import LoRASettings, recover
 
     settings = LoRASettings(rank=step.rank, alpha=step.alpha, experts=step.experts)
     ctx.model = recover(ctx.model, ctx.loader("train", step.steps), steps=step.steps, lr=step.lr, settings=settings,
@@ -129,7 +129,7 @@ def step_finetune(ctx: RunContext, step) -> None:
     import lightning.pytorch as pl
 
     from camera_pl.callbacks import CameraPruning, MicroExpertStatsCallback
-    from camera_pl.lightning_module import CausalLMModule
+    from camera_pl.lightning.module import CausalLMModule
 
     callbacks: list = []
     if step.schedule:
@@ -161,14 +161,14 @@ def step_quantize(ctx: RunContext, step) -> None:
 
 
 def step_evaluate(ctx: RunContext, step) -> None:
-    from camera_pl.evaluation import multiple_choice, perplexity
+    from camera_pl.eval.evaluation import multiple_choice, perplexity
 
     row: dict[str, Any] = {"label": step.label or f"step{len(ctx.metrics)}", **model_size(ctx.model)}
     if step.perplexity:
         row["perplexity"] = perplexity(ctx.model, ctx.loader("test", ctx.recipe.data.eval_batches))
     if step.tasks:
         from camera_pl.data import stdlib_corpus
-        from camera_pl.tasks import build_examples
+        from camera_pl.eval.tasks import build_examples
 
         for task in step.tasks:
             examples = build_examples(task, stdlib_corpus("test"), n=step.examples)
@@ -178,7 +178,7 @@ def step_evaluate(ctx: RunContext, step) -> None:
 
 
 def step_analyze(ctx: RunContext, step) -> None:
-    from camera_pl.analysis import write_report
+    from camera_pl.stats.analysis import write_report
 
     path = write_report(_stats_or_collect(ctx), ctx.run_dir / "analysis", step.top_fractions)
     ctx.log(f"analysis report: {path}")
@@ -193,14 +193,14 @@ def step_save(ctx: RunContext, step) -> None:
 
 
 def step_odp(ctx: RunContext, step) -> None:
-    from camera_pl.dynamic import apply_odp
+    from camera_pl.odp import apply_odp
 
     apply_odp(ctx.model, _stats_or_collect(ctx), protect_ratio=step.protect_ratio)
 
 
 def step_compressed_experts(ctx: RunContext, step) -> None:
-    from camera_pl.compressed_experts import compress_experts
-    from camera_pl.lightning_module import finetune
+    from camera_pl.experts.compressed import compress_experts
+    from camera_pl.lightning.module import finetune
 
     compress_experts(ctx.model, k_main=step.main_experts)
     ctx.model = finetune(ctx.model, ctx.loader("train", step.steps), step.steps, step.lr, ctx.recipe.accelerator,

@@ -2,7 +2,7 @@
 
 Each function takes a :class:`MoELayer` and boolean keep-masks and rewrites the layer's
 modules so pruned weights are gone from memory (new, smaller tensors; the old ones are
-released). Which micro-experts to keep is decided elsewhere (:mod:`camera_pl.prune`).
+released). Which micro-experts to keep is decided elsewhere (:mod:`camera_pl.pruning.api`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camera_pl.adapters import MoELayer
-from camera_pl.ragged import RaggedExperts
+from camera_pl.arch.adapters import MoELayer
+from camera_pl.experts.ragged import RaggedExperts
 
 
 def _fuse(gate: torch.Tensor | None, up: torch.Tensor, layer: MoELayer, dim: int) -> torch.Tensor:

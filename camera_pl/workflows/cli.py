@@ -22,8 +22,8 @@ def _recipe_path(name: str) -> Path:
 
 
 def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
-    from camera_pl.recipe import RecipeError, load_recipe
-    from camera_pl.runner import run_recipe
+    from camera_pl.workflows.recipe import RecipeError, load_recipe
+    from camera_pl.workflows.runner import run_recipe
 
     try:
         recipe = load_recipe(_recipe_path(recipe_name), overrides)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from camera_pl.stats import MicroExpertStats
+    from camera_pl.stats.container import MicroExpertStats
 
 
 @dataclass
@@ -64,8 +64,8 @@ def compute_scores(stats: "MicroExpertStats", method: str, model: nn.Module | No
     _, fn = _SCORES[method]
     layers = stats.layers
     if model is not None:
-        from camera_pl.adapters import moe_layers
-        from camera_pl.stats import weight_norms
+        from camera_pl.arch.adapters import moe_layers
+        from camera_pl.stats.container import weight_norms
 
         stats.check_compatible(model)
         layers = {layer.index: {**stats.layers[layer.index], **weight_norms(layer)} for layer in moe_layers(model)}

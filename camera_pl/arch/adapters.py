@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from camera_pl.experts_forward import expert_activation, expert_output
+from camera_pl.arch.forward import expert_activation, expert_output
 
 
 def softmax_probs(logits: torch.Tensor) -> torch.Tensor:

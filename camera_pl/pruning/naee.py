@@ -17,8 +17,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from camera_pl.adapters import MoELayer
-from camera_pl.surgery import remove_experts
+from camera_pl.arch.adapters import MoELayer
+from camera_pl.pruning.surgery import remove_experts
 
 
 def cache_layer_inputs(model: nn.Module, layers: list[MoELayer], dataloader: Iterable,

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from camera_pl.adapters import moe_layers
+from camera_pl.arch.adapters import moe_layers
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -143,7 +143,7 @@ def recover(model: nn.Module, train_dataloader: Iterable, steps: int = 100, lr: 
             settings: LoRASettings | None = None, merge: bool = True, accelerator: str = "auto",
             val_dataloader: Iterable | None = None, progress: bool = False) -> nn.Module:
     """Stand-alone LoRA recovery: a short Lightning fit of ``steps`` batches; returns the (merged) model."""
-    from camera_pl.lightning_module import finetune
+    from camera_pl.lightning.module import finetune
 
     callback = LoRARecovery(settings, steps=steps, merge=merge, start_now=True)
     return finetune(model, train_dataloader, steps, lr, accelerator, [callback], val_dataloader, progress)

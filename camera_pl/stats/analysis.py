@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from camera_pl.stats import MicroExpertStats
+from camera_pl.stats.container import MicroExpertStats
 
 
 def energy_shares(stats: MicroExpertStats, fractions: Sequence[float] = (0.1, 0.2, 0.4),
