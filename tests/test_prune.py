@@ -206,7 +206,7 @@ def test_naee_removes_the_least_harmful_experts():
 @pytest.mark.parametrize("arch", ["gpt_oss", "qwen2_moe"])
 def test_ragged_padded_grouped_path_matches_per_expert_path(arch, monkeypatch):
     """The CUDA path for ragged experts (zero-padded grouped GEMMs), forced on CPU, equals the loop."""
-    from camera_pl import experts_forward
+    from camera_pl.arch import forward as experts_forward
 
     batch = make_batch()
     model = tiny_moe(arch)
