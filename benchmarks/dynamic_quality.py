@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from camera_pl import collect_stats, moe_layers
-from camera_pl.experts.compressed import compress_experts, routed_parameters_per_token
+from camera_pl.expert_compression import compress_experts, routed_parameters_per_token
 from camera_pl.odp import apply_odp
 from camera_pl.eval.evaluation import perplexity
 from camera_pl.lightning.module import CausalLMModule

@@ -24,7 +24,7 @@ import torch
 
 from camera_pl import collect_stats, moe_layers
 from camera_pl.eval.evaluation import perplexity
-from camera_pl.quant import quantize
+from camera_pl import quantize
 
 BUDGETS = (2.0, 2.5, 3.0)
 METHODS = ("camera", "pmq", "uniform", "matrix", "channel")
@@ -118,7 +118,7 @@ def main() -> None:
     with torch.no_grad():
         base_logits = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in test]
     dense_ppl = perplexity(model, test)
-    dense_bytes = 2 * sum(layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel()
+    dense_bytes = 2 * sum(layer.module.gate_up_proj.numel() + layer.module.down_proj.numel()
                           for layer in moe_layers(model))
     rows = [("dense (bytes at bf16)", "-", "16", "16/16", f"{dense_ppl:.3f}", "0", str(dense_bytes), "-")]
     print(f"measured on: {what}; calibration {len(calib)} and test {len(test)} batches of {args.block} tokens")

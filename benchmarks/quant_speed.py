@@ -14,7 +14,7 @@ import torch
 
 import camera_pl
 from camera_pl.data import TextDataModule
-from camera_pl.quant import quantize
+from camera_pl import quantize
 model, tok = camera_pl.reference_model(dtype=torch.bfloat16)
 dm = TextDataModule(tok, block_size=128, batch_size=8, max_documents=40); dm.setup()
 calib = list(itertools.islice(dm.val_dataloader(), 4))

@@ -21,7 +21,7 @@ import torch
 from camera_pl import collect_stats, prune
 from camera_pl.data import TextDataModule
 from camera_pl.eval.evaluation import perplexity
-from camera_pl.lora import LoRASettings, recover
+from camera_pl import LoRAConfig, recover
 from camera_pl.reference import reference_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,7 +54,7 @@ def main() -> None:
         train = iter(dm.train_dataloader())
         for done in range(args.chunk, args.steps + 1, args.chunk):
             batches = list(itertools.islice(train, args.chunk))
-            model = recover(model, batches, steps=args.chunk, lr=args.lr, settings=LoRASettings(rank=8), accelerator="cpu")
+            model = recover(model, batches, LoRAConfig(rank=8, steps=args.chunk, lr=args.lr), accelerator="cpu")
             ppl = perplexity(model, test)
             lines.append(f"| {int(ratio * 100)}% | {done} | {ppl:.2f} | {100 * (pruned - ppl) / (pruned - dense):.0f}% |")
             print(lines[-1], flush=True)

@@ -8,10 +8,16 @@ from camera_pl.arch.adapters import (
     register_adapter,
     supported_model_types,
 )
-from camera_pl.experts.compressed import CompressedExperts, compress_experts
+from camera_pl.expert_compression import compress_experts
+from camera_pl.experts.compressed import CompressedExperts
 from camera_pl.odp import OdpHandle, apply_odp
+from camera_pl.config import ConfigError
+from camera_pl.lora import LoRAConfig
 from camera_pl.pruning.api import PruneReport, prune
-from camera_pl.serialization import CheckpointError, load, register_experts_kind, save
+from camera_pl.pruning.config import PruneConfig
+from camera_pl.quant.api import QuantReport, allocate, quantize
+from camera_pl.experts.kinds import register_experts_kind
+from camera_pl.serialization import CheckpointError, load, save
 from camera_pl.stats.scores import LayerScores, register_score, score_methods
 from camera_pl.stats.container import MicroExpertStats, StatsMismatchError, collect_stats
 
@@ -22,7 +28,14 @@ __all__ = [
     "OdpHandle",
     "apply_odp",
     "compress_experts",
+    "ConfigError",
+    "LoRAConfig",
+    "recover",
+    "PruneConfig",
     "PruneReport",
+    "QuantReport",
+    "allocate",
+    "quantize",
     "load",
     "prune",
     "register_experts_kind",
@@ -43,9 +56,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The reference model pulls in tokenizers and weights; load it only when asked for.
+    # The reference model pulls in tokenizers and weights, recover() Lightning: load them only when asked for.
     if name == "reference_model":
         from camera_pl.reference import reference_model
 
         return reference_model
+    if name == "recover":
+        from camera_pl.lightning.finetune import recover
+
+        return recover
     raise AttributeError(f"module 'camera_pl' has no attribute {name!r}")

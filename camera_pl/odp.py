@@ -145,23 +145,6 @@ AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
 # ---- the per-layer routing rule ---------------------------------------------------------------
-def expert_parameter_counts(layer: MoELayer) -> torch.Tensor:
-    """Weight elements of each routed expert's gate, up and down projections ``[E]`` (biases left out).
-
-    Fused experts read their shape from the weights; camera_pl's experts modules (ragged,
-    quantized) from the ``hidden_size``/``intermediate_size`` they record, ragged ones per expert.
-    """
-    matrices = 3 if layer.has_gate else 2
-    if getattr(layer.experts, "kind", None) is None:
-        hidden, width = layer.hidden_size, layer.intermediate_size
-    else:
-        hidden, width = layer.experts.hidden_size, layer.experts.intermediate_size
-    widths = torch.full((layer.num_experts,), width)
-    if layer.is_ragged:
-        widths = torch.tensor([len(layer.expert_channels(e)) for e in range(layer.num_experts)])
-    return (widths * matrices * hidden).to(torch.float64)
-
-
 @dataclass
 class LayerUsage:
     """What ODP did in one MoE layer since the last reset (every routed token counts, padding included).
@@ -191,7 +174,7 @@ class _LayerRule:
         self.threshold = threshold
         self.protect_ratio = protect_ratio
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.params = expert_parameter_counts(layer)
+        self.params = layer.experts.parameter_counts()
         self.totals: torch.Tensor | None = None  # tokens, slots, skipped, protected, full/active params
 
     @torch.no_grad()

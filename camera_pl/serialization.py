@@ -12,10 +12,8 @@ transformers checkpoint. The same structure description travels in Lightning che
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
-from typing import Callable, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -23,41 +21,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from camera_pl.arch.adapters import moe_layers
-from camera_pl.experts.ragged import build_ragged
+from camera_pl.experts import kinds
 from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_shared
 
 MANIFEST = "camera_pl.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
     """A directory is not a loadable camera_pl / transformers checkpoint."""
-
-
-class SerializableExperts(Protocol):
-    """A camera_pl experts module: describes itself and can be rebuilt empty from that description."""
-
-    kind: str
-
-    def spec(self) -> dict: ...
-
-
-_KINDS: dict[str, Callable[[dict, nn.Module], nn.Module]] = {"ragged": build_ragged}
-_PROVIDERS = {"quantized": "camera_pl.experts.quantized", "compressed": "camera_pl.experts.compressed"}
-"""Modules that define (and on import register) the other built-in kinds; imported on first need."""
-
-
-def _builder(kind: str | None) -> Callable[[dict, nn.Module], nn.Module] | None:
-    if kind is not None and kind not in _KINDS and kind in _PROVIDERS:
-        module = importlib.import_module(_PROVIDERS[kind])
-        _KINDS.setdefault(kind, getattr(module, f"build_{kind}", None))
-    return _KINDS.get(kind)
-
-
-def register_experts_kind(kind: str, build: Callable[[dict, nn.Module], nn.Module]) -> None:
-    """Register ``build(spec, original_experts) -> empty module`` for experts modules of ``kind``."""
-    _KINDS[kind] = build
 
 
 def describe_structure(model: nn.Module) -> dict[str, dict]:
@@ -65,9 +38,9 @@ def describe_structure(model: nn.Module) -> dict[str, dict]:
     out = {}
     for layer in moe_layers(model):
         entry: dict = {"num_experts": layer.num_experts, "shared_intermediate_size": layer.shared_intermediate_size}
-        kind = getattr(layer.experts, "kind", None)
-        if kind is not None:
-            entry["experts"] = {"kind": kind, "spec": layer.experts.spec()}
+        description = kinds.describe(layer.module)
+        if description is not None:
+            entry["experts"] = description
         else:
             entry["intermediate_size"] = layer.intermediate_size
         out[str(layer.index)] = entry
@@ -79,9 +52,9 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
     by_index = {layer.index: layer for layer in moe_layers(model)}
     for index, entry in structure.items():
         layer = by_index.get(int(index))
-        kind = entry.get("experts", {}).get("kind")
-        build = _builder(kind)
-        if layer is None or (kind is not None and build is None):
+        description = entry.get("experts")
+        if layer is None or (description is not None and not kinds.known(description)):
+            kind = None if description is None else description["kind"]
             raise CheckpointError(
                 f"The saved structure names MoE layer {index} (experts kind {kind!r}), which this model/camera_pl "
                 "cannot rebuild (mismatched config, or a camera_pl version without that kind)."
@@ -90,10 +63,8 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
             keep = torch.zeros(layer.num_experts, dtype=torch.bool)
             keep[: entry["num_experts"]] = True
             remove_experts(layer, keep)
-        if kind is not None:
-            new = build(entry["experts"]["spec"], layer.experts)
-            setattr(layer.block, layer.spec.experts, new)
-            layer.experts = new
+        if description is not None:
+            layer.replace_experts(kinds.build(description, layer.experts))
         elif entry["intermediate_size"] != layer.intermediate_size:
             keep = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
             keep[:, : entry["intermediate_size"]] = True

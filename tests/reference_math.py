@@ -35,24 +35,17 @@ def dense_layer(layer: MoELayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits, weights, index = layer.route(x)
         T, E = x.shape[0], layer.num_experts
         g = torch.zeros(T, E, dtype=torch.float64, device=x.device).scatter(1, index, weights.double())
-        gate, up, down = layer.stacked_weights()
-        biases = layer.stacked_biases()
-        up_proj = torch.einsum("th,eih->tei", x.double(), up.double())
-        gate_proj = torch.einsum("th,eih->tei", x.double(), gate.double()) if gate is not None else None
-        if biases is not None:
-            up_proj = up_proj + biases[1].double()
+        w = layer.experts.stacked()
+        up_proj = torch.einsum("th,eih->tei", x.double(), w.up.double())
+        gate_proj = torch.einsum("th,eih->tei", x.double(), w.gate.double()) if w.gate is not None else None
+        if w.up_bias is not None:
+            up_proj = up_proj + w.up_bias.double()
             if gate_proj is not None:
-                gate_proj = gate_proj + biases[0].double()
-        experts = layer.experts
-        if gate_proj is None:
-            a = experts.act_fn(up_proj)
-        elif layer.is_concatenated:
-            a = experts._apply_gate(torch.cat([gate_proj, up_proj], dim=-1))
-        else:
-            a = experts._apply_gate(torch.stack([gate_proj, up_proj], dim=-1).flatten(-2))
-        f = torch.einsum("tei,ehi->teh", a, down.double())
-        if biases is not None:
-            f = f + biases[2].double()
+                gate_proj = gate_proj + w.gate_bias.double()
+        a = layer.experts.act(gate_proj, up_proj)
+        f = torch.einsum("tei,ehi->teh", a, w.down.double())
+        if w.down_bias is not None:
+            f = f + w.down_bias.double()
         y = torch.einsum("te,teh->th", g, f)
         shared_a = shared_g = None
         if layer.shared is not None:

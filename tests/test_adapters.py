@@ -34,11 +34,11 @@ def test_micro_expert_decomposition_reproduces_block_output(arch, model):
 
 def test_per_expert_views_match_stacked_views(model):
     layer = moe_layers(model)[0]
-    gate, up, down = layer.stacked_weights()
-    g1, u1 = layer.gate_up(1)
-    assert torch.equal(u1, up[1]) and torch.equal(layer.down(1), down[1])
-    assert g1 is None or torch.equal(g1, gate[1])
-    assert up.untyped_storage().data_ptr() == layer._up_param().untyped_storage().data_ptr()  # a view
+    w, w1 = layer.experts.stacked(), layer.experts.weights(1)
+    assert torch.equal(w1.up, w.up[1]) and torch.equal(w1.down, w.down[1])
+    assert w1.gate is None or torch.equal(w1.gate, w.gate[1])
+    fused = getattr(layer.module, layer.experts.layout.up_name)
+    assert w.up.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # a view
 
 
 def test_unsupported_model_names_class_and_fix():

@@ -9,12 +9,8 @@ from torch import nn
 
 import camera_pl
 from camera_pl import collect_stats, moe_layers, prune
-from camera_pl.experts.compressed import (
-    CompressedExperts,
-    build_compressed,
-    compress_experts,
-    routed_parameters_per_token,
-)
+from camera_pl.expert_compression import compress_experts, routed_parameters_per_token
+from camera_pl.experts.compressed import CompressedExperts
 from camera_pl.lightning.module import CausalLMModule
 from camera_pl.testing import tiny_moe
 
@@ -71,10 +67,11 @@ def reference_layer(layer, module, hidden, index, weights):
         thetas = [sum(a * theta[index[t, i]] for a, i in zip(alpha, aux)) for theta in module.vectors()]
         for i in main:
             e = int(index[t, i])
-            gate, up = layer.gate_up(e)
-            channels = layer.expert_channels(e)
+            w = layer.experts.base_experts.weights(e)
+            gate, up = w.gate, w.up
+            channels = layer.experts.channels(e)
             a = nn.functional.silu(gate @ (hidden[t] * thetas[0])) * (up @ (hidden[t] * thetas[2]))
-            out[t] += weights[t, i] * (layer.down(e) @ (a * thetas[1][channels]))
+            out[t] += weights[t, i] * (w.down @ (a * thetas[1][channels]))
     return out
 
 
@@ -134,7 +131,6 @@ def test_training_all_parameters_updates_vectors_and_weights():
 
 @pytest.mark.parametrize("pruned", [False, True])
 def test_save_load_roundtrip(tmp_path, pruned):
-    camera_pl.register_experts_kind(CompressedExperts.kind, build_compressed)
     model, batch = tiny_moe("gpt_oss"), make_batch()
     if pruned:
         prune(model, collect_stats(model, [batch]), 0.3, allocation="expert")

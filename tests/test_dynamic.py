@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from camera_pl import collect_stats, moe_layers, prune
-from camera_pl.odp import apply_odp, attention_received, expert_parameter_counts
+from camera_pl.odp import apply_odp, attention_received
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
@@ -25,7 +25,7 @@ def record_routing(model):
             seen["experts"][i] = (args[1], args[2])
 
         hooks.append(layer.router.register_forward_hook(router_hook))
-        hooks.append(layer.experts.register_forward_pre_hook(experts_hook))
+        hooks.append(layer.module.register_forward_pre_hook(experts_hook))
     return seen, hooks
 
 
@@ -152,7 +152,7 @@ def test_default_thresholds_and_measured_counts():
     for layer in moe_layers(model):
         index = seen["experts"][layer.index][0]
         original = seen["router_out"][layer.index][2]
-        counts = expert_parameter_counts(layer)
+        counts = layer.experts.parameter_counts()
         kept = index < layer.num_experts
         slots, skipped = slots + index.numel(), skipped + int((~kept).sum())
         active += float(counts[original][kept].sum()) / index.shape[0]
@@ -186,7 +186,7 @@ def test_composes_with_pruned_experts():
     batch = make_batch()
     stats = collect_stats(model, [batch])
     prune(model, stats, 0.4, allocation="layer")
-    assert all(layer.is_ragged for layer in moe_layers(model))
+    assert all(layer.experts.kind == "ragged" for layer in moe_layers(model))
     reference = logits(model, batch)
     handle = apply_odp(model, stats, protect_ratio=0.1, thresholds=0.0)
     torch.testing.assert_close(logits(model, batch), reference, rtol=0, atol=1e-6)
@@ -197,7 +197,7 @@ def test_composes_with_pruned_experts():
     expected = 0.0
     for layer in moe_layers(model):
         index = seen["experts"][layer.index][0]
-        widths = torch.tensor([len(layer.expert_channels(e)) for e in range(layer.num_experts)])
+        widths = layer.experts.widths()
         expected += float(3 * layer.hidden_size * widths[index[index < layer.num_experts]].sum()) / index.shape[0]
     assert handle.activated_params_per_token()[0] == pytest.approx(expected)
     for h in hooks:

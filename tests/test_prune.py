@@ -21,7 +21,8 @@ def kept_masks(model, reference):
     """Keep masks in original indices, found by matching weights: routed [E, I] and shared [I_s]."""
     routed, shared = {}, {}
     for layer, ref in zip(moe_layers(model), moe_layers(reference)):
-        routed[layer.index] = torch.stack([surviving(ref.down(e), layer.down(e)) for e in range(ref.num_experts)])
+        routed[layer.index] = torch.stack([surviving(ref.experts.weights(e).down, layer.experts.weights(e).down)
+                                           for e in range(ref.num_experts)])
         if layer.shared is not None:
             shared[layer.index] = surviving(ref.shared.down_proj.weight, layer.shared.down_proj.weight)
     return routed, shared
@@ -31,7 +32,7 @@ def zero_pruned(model, masks, shared_keep):
     """The same pruning by masking: zero the down-projection column of every removed micro-expert."""
     with torch.no_grad():
         for layer in moe_layers(model):
-            _, _, down = layer.stacked_weights()
+            down = layer.experts.stacked().down
             down.mul_(masks[layer.index][:, None, :].to(down.dtype))
             if layer.shared is not None:
                 layer.shared.down_proj.weight.mul_(shared_keep[layer.index][None, :].to(down.dtype))
@@ -50,7 +51,7 @@ def test_structural_pruning_equals_zeroing(arch, allocation):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
     removed = sum((~m).sum().item() for m in masks.values())
-    per_micro = 3 * model.config.hidden_size + (2 if moe_layers(model)[0].has_bias else 0)
+    per_micro = 3 * model.config.hidden_size + (2 if moe_layers(model)[0].experts.layout.has_bias else 0)
     shared_removed = sum((~k).sum().item() for k in shared_keep.values()) * 3 * model.config.hidden_size
     assert params_before - sum(p.numel() for p in model.parameters()) == removed * per_micro + shared_removed
     assert report.params_removed == removed * per_micro + shared_removed
@@ -72,7 +73,7 @@ def test_state_dict_bytes_drop_by_removed_params():
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     report = prune(model, stats, 0.4)
     after = model.state_dict()
-    bookkeeping = sum(t.numel() * t.element_size() for k, t in after.items() if k.endswith((".channels", ".widths")))
+    bookkeeping = sum(t.numel() * t.element_size() for k, t in after.items() if k.endswith(".channel_index"))
     after_bytes = sum(t.numel() * t.element_size() for t in after.values())
     assert before - (after_bytes - bookkeeping) == report.params_removed * 4
 
@@ -155,7 +156,7 @@ def test_gradual_pruning_counts_earlier_removals():
 def test_bad_inputs():
     model = tiny_moe("qwen3_moe")
     stats = collect_stats(model, [make_batch()])
-    with pytest.raises(ValueError, match=r"ratio must lie in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"ratio=1.0: must lie in \[0.0, 1.0\)"):
         prune(model, stats, 1.0)
     with pytest.raises(ValueError, match="needs statistics"):
         prune(model, None, 0.2)
@@ -175,7 +176,7 @@ def test_pruned_model_trains_in_bf16():
     model.train()
     out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
-    ragged = [layer.experts for layer in moe_layers(model)]
+    ragged = [layer.module for layer in moe_layers(model)]
     assert all(r.up.grad is not None and r.up.dtype == torch.bfloat16 for r in ragged)
 
 
@@ -206,15 +207,13 @@ def test_naee_removes_the_least_harmful_experts():
 @pytest.mark.parametrize("arch", ["gpt_oss", "qwen2_moe"])
 def test_ragged_padded_grouped_path_matches_per_expert_path(arch, monkeypatch):
     """The CUDA path for ragged experts (zero-padded grouped GEMMs), forced on CPU, equals the loop."""
-    from camera_pl.arch import forward as experts_forward
-
     batch = make_batch()
     model = tiny_moe(arch)
     prune(model, collect_stats(model, [batch]), 0.5)
     with torch.no_grad():
         loop = model(**batch).logits
     stats_loop = collect_stats(model, [batch])
-    monkeypatch.setattr(experts_forward, "_grouped_mm_ok", lambda experts, x: True)
+    monkeypatch.setattr(RaggedExperts, "grouped_weights", lambda self, x: self.padded())
     with torch.no_grad():
         grouped = model(**batch).logits
     stats_grouped = collect_stats(model, [batch])
@@ -230,3 +229,41 @@ def test_expert_removal_keeps_router_aux_loss_working():
     prune(model, collect_stats(model, [batch]), 0.25, method="frequency")
     out = model(**batch, labels=batch["input_ids"])
     assert torch.isfinite(out.loss) and out.aux_loss is not None
+
+
+def test_config_options_are_checked_by_name():
+    from camera_pl import ConfigError, PruneConfig
+
+    model = tiny_moe("qwen3_moe")
+    stats = collect_stats(model, [make_batch()])
+    with pytest.raises(ConfigError, match="no option 'alocation'. Did you mean 'allocation'"):
+        prune(model, stats, 0.2, alocation="global")
+    with pytest.raises(ConfigError, match="'gloabl'.*Did you mean 'global'"):
+        PruneConfig(allocation="gloabl")
+    with pytest.raises(ConfigError, match="sequential"):
+        PruneConfig(sequential=True, allocation="global")
+    with pytest.raises(ConfigError, match="removes whole experts"):
+        PruneConfig(method="frequency", allocation="global")
+    with pytest.raises(ConfigError, match="no option 'reduce_ratoi'"):
+        stats.scores("camera", reduce_ratoi=0.0)
+    with pytest.raises(ConfigError, match="expected a number"):
+        PruneConfig(ratio=float("nan"))
+    config = PruneConfig(ratio=0.3, allocation="global")
+    assert prune(model, stats, config).allocation == "global"
+
+
+@pytest.mark.parametrize("ratio", [0.95, 0.999])
+def test_layer_allocation_at_extreme_ratios_fails_clearly_or_removes_experts(ratio):
+    model = tiny_moe("qwen3_moe")  # 8 experts x 16 micro-experts per layer: at most 120/128 removable
+    stats = collect_stats(model, [make_batch()])
+    before = [layer.experts.widths().tolist() for layer in moe_layers(model)]
+    with pytest.raises(ValueError, match="at most 0.9375.*allow_expert_removal"):
+        prune(model, stats, ratio)
+    assert [layer.experts.widths().tolist() for layer in moe_layers(model)] == before  # nothing changed
+    if ratio == 0.999:  # one micro-expert left: fewer experts than top_k, refused before any edit
+        with pytest.raises(ValueError, match="fewer than top_k"):
+            prune(model, stats, ratio, allow_expert_removal=True)
+        assert [layer.experts.widths().tolist() for layer in moe_layers(model)] == before
+        return
+    report = prune(model, stats, ratio, allow_expert_removal=True)
+    assert all(layer.experts_removed for layer in report.layers)

@@ -17,7 +17,7 @@ def loader():
 
 
 def expert_width_total(model) -> int:
-    return sum(int(layer.expert_channels(e).numel()) for layer in moe_layers(model) for e in range(layer.num_experts))
+    return sum(int(layer.experts.widths().sum()) for layer in moe_layers(model))
 
 
 class Recorder(pl.Callback):

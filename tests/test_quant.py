@@ -5,13 +5,14 @@ import itertools
 import pytest
 import torch
 
-from camera_pl import collect_stats, moe_layers
-from camera_pl.quant import QuantizedExperts, gptq, quantize, rtn
+from camera_pl import collect_stats, moe_layers, quantize
+from camera_pl.experts.quantized import QuantizedExperts, pack_codes, unpack_codes
 from camera_pl.quant.allocation import pmq_bits, solve_budget
 from camera_pl.quant.calibration import capture_layer_inputs
+from camera_pl.quant.config import QuantizeConfig
 from camera_pl.quant.layer import quantize_routed
-from camera_pl.quant.methods import uniform_allocation
-from camera_pl.experts.quantized import pack_codes, run_expert, unpack_codes
+from camera_pl.quant.methods import AllocationContext, uniform_allocation
+from camera_pl.quant.quantizers import gptq, rtn
 from camera_pl.serialization import load, save
 from camera_pl.testing import tiny_moe
 
@@ -65,7 +66,7 @@ def test_packed_forward_equals_fake_quant(arch, method, stats_of):
     fake, packed = tiny_moe(arch), tiny_moe(arch)
     quantize(fake, stats_of(arch), pack=False, **kwargs)
     report = quantize(packed, stats_of(arch), pack=True, **kwargs)
-    assert all(isinstance(layer.experts, QuantizedExperts) for layer in moe_layers(packed))
+    assert all(isinstance(layer.module, QuantizedExperts) for layer in moe_layers(packed))
     torch.testing.assert_close(logits(packed), logits(fake), rtol=0, atol=1e-5)
     assert logits(packed).sub(logits(tiny_moe(arch))).abs().max() > 1e-3  # it did quantize
     # scales, zeros and bit maps of 16-wide groups add (16 + 8 + 8·groups/row) / 16 ~ 1.6 bits at most
@@ -76,8 +77,8 @@ def test_gptq_beats_rtn_on_calibrated_layer():
     model = tiny_moe("qwen3_moe")
     layer = moe_layers(model)[0]
     inputs = capture_layer_inputs(model, layer, CALIB)
-    reference = layer.experts(inputs.hidden, inputs.index, inputs.weights)
-    bits = uniform_allocation(layer, 2)
+    reference = layer.module(inputs.hidden, inputs.index, inputs.weights)
+    bits = uniform_allocation(AllocationContext(layer, QuantizeConfig(method="uniform", avg_bits=2)))
     errors = {}
     for quantizer in ("rtn", "gptq"):
         mats, _ = quantize_routed(layer, bits, quantizer, inputs, group_size=16)
@@ -100,7 +101,7 @@ def test_rarely_routed_experts_fall_back_to_layer_hessian():
     model = tiny_moe("mixtral")
     layer = moe_layers(model)[0]
     inputs = capture_layer_inputs(model, layer, CALIB[:1], max_tokens=4)
-    mats, fallback = quantize_routed(layer, uniform_allocation(layer, 3), "gptq", inputs, 16, min_tokens=10**6)
+    mats, fallback = quantize_routed(layer, uniform_allocation(AllocationContext(layer, QuantizeConfig(method="uniform", avg_bits=3))), "gptq", inputs, 16, min_tokens=10**6)
     assert fallback == list(range(layer.num_experts))
     assert all(torch.isfinite(q.dequantize()).all() for rows in mats.values() for q in rows)
 
@@ -149,9 +150,9 @@ def test_save_load_round_trip(tmp_path, stats_of):
     report = quantize(model, stats_of("gpt_oss"), method="channel", avg_bits=2.0, group_size=16)
     before = logits(model)
     loaded = load(save(model, tmp_path / "q"))
-    assert all(isinstance(layer.experts, QuantizedExperts) for layer in moe_layers(loaded))
+    assert all(isinstance(layer.module, QuantizedExperts) for layer in moe_layers(loaded))
     assert torch.equal(logits(loaded), before)
-    assert report.expert_bytes == sum(layer.experts.memory()["weight_bytes"] for layer in moe_layers(loaded))
+    assert report.expert_bytes == sum(layer.module.memory()["weight_bytes"] for layer in moe_layers(loaded))
 
 
 def test_bf16_model_matches_fake_quant(stats_of):
@@ -187,13 +188,12 @@ def test_clear_errors(stats_of):
         quantize(model, method="uniform", avg_bits=4)
 
 
-def test_run_expert_matches_model_expert():
+def test_explicit_weights_match_stored_weights():
     model = tiny_moe("gpt_oss")
     layer = moe_layers(model)[0]
-    x = torch.randn(7, layer.hidden_size)
-    gate, up, down = layer.stacked_weights()
-    torch.testing.assert_close(run_expert(layer.experts, 2, x, gate[2], up[2], down[2]),
-                               layer.expert_output(2, layer.expert_activation(2, x)))
+    experts, x = layer.experts, torch.randn(7, layer.hidden_size)
+    w = experts.weights(2)
+    torch.testing.assert_close(experts.output(2, experts.activation(2, x, w), w), experts.output(2, experts.activation(2, x)))
 
 
 def test_compressed_tensors_export_of_uniform_allocation(tmp_path, stats_of):
@@ -209,11 +209,12 @@ def test_compressed_tensors_export_of_uniform_allocation(tmp_path, stats_of):
     layer = moe_layers(model)[0]
     name = "model.layers.0.mlp.experts.3.down_proj"
     rows, cols = tensors[f"{name}.weight_shape"].tolist()
-    bits = int(layer.experts.down_bits[3, 0])
+    first = sum(layer.module.rows_per_expert("down")[:3])
+    bits = int(layer.module.down_bits[first])
     codes = unpack_codes(tensors[f"{name}.weight_packed"].view(torch.uint8), bits, cols).float() - (1 << (bits - 1))
     scale = tensors[f"{name}.weight_scale"].float().repeat_interleave(16, 1)
     zero = tensors[f"{name}.weight_zero_point"].float().repeat_interleave(16, 1)
-    torch.testing.assert_close((codes - zero) * scale, layer.experts.expert_weights(3)[2])
+    torch.testing.assert_close((codes - zero) * scale, layer.experts.weights(3).down)
     camera = tiny_moe("qwen3_moe")
     quantize(camera, stats_of("qwen3_moe"), group_size=16)
     with pytest.raises(ExportError, match="micro-expert columns"):

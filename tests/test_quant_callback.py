@@ -1,6 +1,5 @@
 """CameraQuantization in Lightning fits: direct packing, and a straight-through fake-quantized phase."""
 
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -10,7 +9,7 @@ from camera_pl import collect_stats, moe_layers
 from camera_pl.callbacks import MicroExpertStatsCallback
 from camera_pl.callbacks.quantization import CameraQuantization
 from camera_pl.lightning.module import CausalLMModule
-from camera_pl.quant import QuantizedExperts
+from camera_pl.experts.quantized import QuantizedExperts
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
@@ -32,7 +31,7 @@ def test_fit_with_fake_quant_phase_packs_at_fit_end():
     quant = CameraQuantization(quantize_epoch=1, fake_quant=True, method="camera", avg_bits=3.0, group_size=16)
     fit(model, quant)
     assert quant.report is not None and quant.report.avg_bits <= 3.0 + 1e-9
-    assert all(isinstance(layer.experts, QuantizedExperts) for layer in moe_layers(model))
+    assert all(isinstance(layer.module, QuantizedExperts) for layer in moe_layers(model))
 
 
 def test_fake_quant_forward_equals_packed_forward():
@@ -40,16 +39,16 @@ def test_fake_quant_forward_equals_packed_forward():
     module = CausalLMModule(model)
     stats_cb = MicroExpertStatsCallback()
     stats_cb.stats = collect_stats(model, BATCHES)
-    trainer = SimpleNamespace(callbacks=[stats_cb], current_epoch=0)
+    trainer = pl.Trainer(accelerator="cpu", callbacks=[stats_cb], logger=False, enable_progress_bar=False)
     quant = CameraQuantization(quantize_epoch=0, fake_quant=True, method="channel", avg_bits=2.5, group_size=16)
     quant.on_train_epoch_start(trainer, module)
     batch = BATCHES[0]
     out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
-    latent = moe_layers(model)[0].experts.parametrizations.gate_up_proj.original
+    latent = moe_layers(model)[0].module.base.gate_up_proj
     assert latent.grad is not None and latent.grad.abs().sum() > 0  # straight-through gradients reach the latent weights
     quant.on_fit_end(trainer, module)
-    assert all(isinstance(layer.experts, QuantizedExperts) for layer in moe_layers(model))
+    assert all(isinstance(layer.module, QuantizedExperts) for layer in moe_layers(model))
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, out.logits.detach(), rtol=0, atol=1e-5)
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from camera_pl import collect_stats, prune
-from camera_pl.callbacks import CameraPruning, MicroExpertStatsCallback
+from camera_pl.callbacks import CameraPruning, LoRARecovery, MicroExpertStatsCallback
 from camera_pl.lightning.module import CausalLMModule
-from camera_pl.lora import LoRARecovery, LoRASettings, add_lora, expert_parameter_targets, merge_lora, recover
+from camera_pl import ConfigError, LoRAConfig, recover
+from camera_pl.lora import add_lora, expert_parameter_targets, merge_lora
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
@@ -22,7 +23,7 @@ def test_merged_equals_adapter_model(arch, allocation):
     prune(model, collect_stats(model, [batch]), 0.5, allocation=allocation)
     targets = expert_parameter_targets(model)
     assert targets and all(t.startswith("experts.") for t in targets)
-    peft_model = add_lora(model, LoRASettings(rank=4))
+    peft_model = add_lora(model, LoRAConfig(rank=4))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -40,7 +41,7 @@ def test_recover_lowers_loss_after_pruning():
     prune(model, collect_stats(model, loader), 0.4)
     before = CausalLMModule(model)._loss(next(iter(loader))).item()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
-    model = recover(model, list(loader), steps=30, lr=3e-2, settings=LoRASettings(rank=8), accelerator="cpu")
+    model = recover(model, list(loader), LoRAConfig(rank=8, steps=30, lr=3e-2), accelerator="cpu")
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)  # LoRA only
     after = CausalLMModule(model)._loss(next(iter(loader))).item()
     assert after < before - 0.1
@@ -49,7 +50,7 @@ def test_recover_lowers_loss_after_pruning():
 def test_recovery_callback_after_scheduled_pruning():
     loader = torch.utils.data.DataLoader(samples(), batch_size=2)
     module = CausalLMModule(tiny_moe("qwen3_moe"), lr=1e-3)
-    recovery = LoRARecovery(LoRASettings(rank=4), steps=2, lr=1e-2)
+    recovery = LoRARecovery(rank=4, steps=2, lr=1e-2)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, num_sanity_val_steps=0,
                          callbacks=[MicroExpertStatsCallback(), CameraPruning({1: 0.3}), recovery], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
@@ -57,8 +58,10 @@ def test_recovery_callback_after_scheduled_pruning():
     assert recovery.recoveries == 1 and module.lr == 1e-3
     assert type(module.model).__name__ == "Qwen3MoeForCausalLM"  # merged back
     assert all(p.requires_grad for p in module.model.parameters())
-    with pytest.raises(ValueError, match="rank"):
-        LoRASettings(rank=0)
+    with pytest.raises(ConfigError, match="rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ConfigError, match="Did you mean 'rank'"):
+        LoRARecovery(rnak=4)
 
 
 def test_recovery_lowers_validation_loss_of_pruned_reference_model():

@@ -30,7 +30,7 @@ def brute_force_stats(model, batch) -> dict[int, dict[str, torch.Tensor]]:
             "prob_sum": (d["probs"] * m[:, None]).sum(0),
             "out_norm_sum": (fn * routed).sum(0), "weighted_out_norm_sum": (fn * d["g"] * m[:, None]).sum(0),
             "ratios": (top2[:, 1] / top2[:, 0])[m.bool()],
-            "down_norm_sq": layer.stacked_weights()[2].double().pow(2).sum(1),
+            "down_norm_sq": layer.experts.stacked().down.double().pow(2).sum(1),
         }
         assert s["count"].shape == (E,)
         if d["shared_a"] is not None:
@@ -87,7 +87,7 @@ def test_collect_restores_implementation_and_mode():
     before = model.config._experts_implementation
     collect_stats(model, [make_batch()])
     assert model.config._experts_implementation == before and model.training
-    assert all(not hasattr(layer.experts, "_camera_observer") for layer in moe_layers(model))
+    assert all(not hasattr(layer.module, "_camera_observer") for layer in moe_layers(model))
 
 
 def test_padding_never_counts():
@@ -165,5 +165,5 @@ def test_score_registry_methods():
     assert stats.scores("frequency")[0].level == "expert"
     # weight norms read from a changed model
     with torch.no_grad():
-        moe_layers(model)[0].experts.down_proj.mul_(2)
+        moe_layers(model)[0].module.down_proj.mul_(2)
     assert torch.allclose(stats.scores("camera", model=model)[0].routed, 4 * stats.scores("camera")[0].routed)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from camera_pl.arch.forward import expert_activation, expert_output
+from camera_pl.experts.base import Experts, as_experts, is_experts, unwrap
 
 
 def softmax_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,12 @@ class ArchitectureSpec:
         num_experts_key: config key of the number of routed experts.
         shared_size_key: config key of the shared experts' intermediate size; None where it is
             derived from ``expert_size_key`` (DeepSeek: ``moe_intermediate_size * n_shared_experts``).
+        top_k_key: config key of the number of experts routed per token.
+        attention: attribute of a decoder layer holding its self-attention module.
+        attention_targets: names of the attention projections (LoRA targets); names absent
+            from a given configuration (e.g. DeepSeek's ``q_proj`` when ``q_lora_rank`` is set) are skipped.
+        router_tensors: router tensors with one row per expert, sliced when experts are removed.
+        router_group_key: router attribute holding the number of expert groups of group-limited routing.
     """
 
     router: str = "gate"
@@ -61,7 +67,16 @@ class ArchitectureSpec:
     expert_size_key: str = "moe_intermediate_size"
     num_experts_key: str = "num_experts"
     shared_size_key: str | None = None
+    top_k_key: str = "num_experts_per_tok"
+    attention: str = "self_attn"
+    attention_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    router_tensors: tuple[str, ...] = ("weight", "bias")
+    router_group_key: str | None = None
 
+
+_MLA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+"""DeepSeek's multi-head latent attention projections."""
+_GROUP_LIMITED = dict(router_tensors=("weight", "e_score_correction_bias"), router_group_key="num_group")
 
 _REGISTRY: dict[str, ArchitectureSpec] = {
     "qwen2_moe": ArchitectureSpec(shared="shared_expert", shared_gate="shared_expert_gate",
@@ -72,9 +87,12 @@ _REGISTRY: dict[str, ArchitectureSpec] = {
     "flex_olmo": ArchitectureSpec(expert_size_key="intermediate_size"),
     "phimoe": ArchitectureSpec(router="router", expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
     "gpt_oss": ArchitectureSpec(router="router", expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
-    "deepseek_v2": ArchitectureSpec(shared="shared_experts", num_experts_key="n_routed_experts"),
-    "deepseek_v3": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts"),
-    "glm4_moe": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts"),
+    "deepseek_v2": ArchitectureSpec(shared="shared_experts", num_experts_key="n_routed_experts",
+                                    attention_targets=_MLA_TARGETS),
+    "deepseek_v3": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts",
+                                    attention_targets=_MLA_TARGETS, **_GROUP_LIMITED),
+    "glm4_moe": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts",
+                                 **_GROUP_LIMITED),
 }
 
 
@@ -109,124 +127,81 @@ def architecture_spec(model: nn.Module) -> ArchitectureSpec:
 
 
 class MoELayer:
-    """Uniform view of one MoE block: router, fused routed experts, shared experts.
+    """Uniform view of one MoE block: router, routed experts (through the experts interface), shared experts.
 
-    Weight views returned here are views (no copies) in ``nn.Linear`` orientation:
-    gate/up ``[I, H]`` per expert and down ``[H, I]``. A micro-expert ``(e, j)`` is row ``j``
-    of ``gate(e)``, row ``j`` of ``up(e)`` and column ``j`` of ``down(e)``.
+    ``experts`` is the :class:`~camera_pl.experts.base.Experts` interface of whatever module
+    the block holds now (fused, ragged, quantized, compressed); ``module`` is that module.
+    A micro-expert ``(e, j)`` is row ``j`` of expert ``e``'s gate and up projections and
+    column ``j`` of its down projection, ``j`` an index of the original width.
     """
 
     def __init__(self, index: int, block: nn.Module, spec: ArchitectureSpec):
         self.index = index
         self.block = block
         self.spec = spec
-        self.experts: nn.Module = getattr(block, spec.experts)
         self.router: nn.Module = getattr(block, spec.router)
         self.shared: nn.Module | None = getattr(block, spec.shared) if spec.shared else None
         self.shared_gate: nn.Module | None = getattr(block, spec.shared_gate) if spec.shared_gate else None
 
-    # ---- shapes and flags -------------------------------------------------------------
+    # ---- routed experts -----------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The routed-experts module in the block (under LoRA adapters, the module they wrap)."""
+        return unwrap(getattr(self.block, self.spec.experts))
+
+    @property
+    def experts(self) -> Experts:
+        """The experts interface of :attr:`module`."""
+        return as_experts(self.module)
+
+    def replace_experts(self, new: nn.Module) -> None:
+        """Put ``new`` in the block in place of the current routed-experts module."""
+        setattr(self.block, self.spec.experts, new)
+
     @property
     def num_experts(self) -> int:
-        return int(self.experts.num_experts)
-
-    @property
-    def has_gate(self) -> bool:
-        return bool(getattr(self.experts, "has_gate", True))
-
-    @property
-    def is_transposed(self) -> bool:
-        return bool(getattr(self.experts, "is_transposed", False))
-
-    @property
-    def is_concatenated(self) -> bool:
-        return bool(getattr(self.experts, "is_concatenated", True))
-
-    @property
-    def has_bias(self) -> bool:
-        return bool(getattr(self.experts, "has_bias", False))
-
-    @property
-    def is_ragged(self) -> bool:
-        """Experts of unequal width (after CAMERA-P's layer/global allocation)."""
-        return hasattr(self.experts, "expert_channels")
+        return self.experts.num_experts
 
     @property
     def hidden_size(self) -> int:
-        if getattr(self.experts, "kind", None) is not None:  # camera_pl modules record their shapes
-            return int(self.experts.hidden_size)
-        return self.down(0).shape[0]
+        return self.experts.hidden_size
 
     @property
     def intermediate_size(self) -> int:
         """Original width of every expert (micro-expert index space of the statistics)."""
-        if getattr(self.experts, "kind", None) is not None:
-            return int(self.experts.intermediate_size)
-        return self.down(0).shape[1]
-
-    def expert_channels(self, e: int) -> torch.Tensor:
-        """Original indices of expert ``e``'s micro-experts still present."""
-        if self.is_ragged:
-            return self.experts.expert_channels(e)
-        return torch.arange(self.intermediate_size, device=self.experts.down_proj.device)
+        return self.experts.intermediate_size
 
     @property
     def shared_intermediate_size(self) -> int:
         return 0 if self.shared is None else int(self.shared.down_proj.weight.shape[1])
 
-    # ---- routed expert weight views ---------------------------------------------------
-    def _up_param(self) -> torch.Tensor:
-        return self.experts.gate_up_proj if self.has_gate else self.experts.up_proj
+    # ---- router ------------------------------------------------------------------------------
+    @property
+    def top_k(self) -> int:
+        """Experts routed per token."""
+        return int(getattr(self.router, "top_k", 1))
 
-    def gate_up(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(gate [I, H] or None, up [I, H])`` of expert ``e``, honouring the layout flags."""
-        if self.is_ragged:
-            return self.experts.gate_up(e)
-        w = self._up_param()[e]
-        if self.is_transposed:
-            w = w.t()
-        if not self.has_gate:
-            return None, w
-        if self.is_concatenated:
-            half = w.shape[0] // 2
-            return w[:half], w[half:]
-        return w[0::2], w[1::2]
+    @property
+    def expert_groups(self) -> int:
+        """Expert groups of group-limited routing (1 without)."""
+        key = self.spec.router_group_key
+        return int(getattr(self.router, key, None) or 1) if key else 1
 
-    def down(self, e: int) -> torch.Tensor:
-        """``down [H, I]`` of expert ``e``."""
-        if self.is_ragged:
-            return self.experts.down_weight(e)
-        w = self.experts.down_proj[e]
-        return w.t() if self.is_transposed else w
-
-    def stacked_weights(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """All experts at once: ``(gate [E, I, H] or None, up [E, I, H], down [E, H, I])`` views (fused layout only)."""
-        if self.is_ragged:
-            raise TypeError(f"Layer {self.index} has experts of unequal width; use per-expert views gate_up(e)/down(e).")
-        w = self._up_param()
-        if self.is_transposed:
-            w = w.transpose(1, 2)
-        down = self.experts.down_proj
-        down = down.transpose(1, 2) if self.is_transposed else down
-        if not self.has_gate:
-            return None, w, down
-        if self.is_concatenated:
-            half = w.shape[1] // 2
-            return w[:, :half], w[:, half:], down
-        return w[:, 0::2], w[:, 1::2], down
-
-    def stacked_biases(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
-        """``(gate_bias [E, I] or None, up_bias [E, I], down_bias [E, H])`` views, or None without biases."""
-        if not self.has_bias:
-            return None
-        b = self.experts.gate_up_proj_bias if self.has_gate else self.experts.up_proj_bias
-        down = self.experts.down_proj_bias
-        if not self.has_gate:
-            return None, b, down
-        if self.is_concatenated:
-            half = b.shape[1] // 2
-            return b[:, :half], b[:, half:], down
-        return b[:, 0::2], b[:, 1::2], down
+    def keep_router_rows(self, kept: list[int]) -> None:
+        """Keep only the router rows of experts ``kept`` and update the expert counts the modules record."""
+        router = self.router
+        with torch.no_grad():
+            for name in self.spec.router_tensors:
+                t = getattr(router, name, None)
+                if isinstance(t, torch.Tensor):
+                    new = t[torch.tensor(kept, dtype=torch.long, device=t.device)].clone()
+                    setattr(router, name, nn.Parameter(new, requires_grad=t.requires_grad)
+                            if isinstance(t, nn.Parameter) else new)
+        for module in (router, self.module):
+            if hasattr(module, "num_experts"):
+                module.num_experts = len(kept)
+        if isinstance(router, nn.Linear):
+            router.out_features = len(kept)
 
     # ---- computation ------------------------------------------------------------------
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,14 +212,6 @@ class MoELayer:
     def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-expert probabilities before top-k selection, float32 ``[T, E]``."""
         return self.spec.probs(logits)
-
-    def expert_activation(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Micro-expert activations ``a_e(x) [T, I]`` (the input of expert ``e``'s down projection)."""
-        return expert_activation(self.experts, e, x)
-
-    def expert_output(self, e: int, a: torch.Tensor) -> torch.Tensor:
-        """``f_e(x) [T, H]`` from the activations of expert ``e``."""
-        return expert_output(self.experts, e, a)
 
     def shared_gate_values(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Sigmoid shared-expert gate per token ``[T]`` (None where the model has no such gate)."""
@@ -264,6 +231,8 @@ class MoELayer:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    if callable(getattr(model, "get_base_model", None)):  # a peft model: the model under the adapters
+        model = model.get_base_model()
     base = getattr(model, "model", None) or getattr(model, "base_model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -275,11 +244,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _is_moe_block(block: nn.Module | None, spec: ArchitectureSpec) -> bool:
-    experts = getattr(block, spec.experts, None)
-    if getattr(experts, "kind", None) is not None:  # a camera_pl experts module (ragged, quantized)
-        return True
-    down = getattr(experts, "down_proj", None)
-    return isinstance(down, torch.Tensor) and down.dim() == 3
+    return is_experts(getattr(block, spec.experts, None))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

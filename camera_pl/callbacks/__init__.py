@@ -1,7 +1,8 @@
-"""Lightning callbacks: each decides *when* something happens; the algorithms live elsewhere."""
+"""Lightning callbacks: each decides *when* something happens; the algorithms live in the library."""
 
-from camera_pl.callbacks.pruning import CameraPruning, restore_structure
+from camera_pl.callbacks.pruning import CameraPruning
 from camera_pl.callbacks.quantization import CameraQuantization
-from camera_pl.callbacks.stats import MicroExpertStatsCallback, find_moe_model
+from camera_pl.callbacks.recovery import LoRARecovery
+from camera_pl.callbacks.stats import MicroExpertStatsCallback
 
-__all__ = ["CameraPruning", "CameraQuantization", "MicroExpertStatsCallback", "find_moe_model", "restore_structure"]
+__all__ = ["CameraPruning", "CameraQuantization", "LoRARecovery", "MicroExpertStatsCallback"]

@@ -10,27 +10,9 @@ import torch
 from torch import nn
 
 from camera_pl.arch.adapters import moe_layers
+from camera_pl.lightning.structure import find_moe_model
 from camera_pl.stats.observation import Observation, StatsAccumulator, observe
 from camera_pl.stats.container import MicroExpertStats
-
-
-def find_moe_model(pl_module: nn.Module) -> nn.Module:
-    """The transformers MoE model inside a LightningModule (``.model``, or the first registered one)."""
-    from camera_pl.arch.adapters import UnsupportedModelError, architecture_spec
-
-    candidates = [pl_module.model] if isinstance(getattr(pl_module, "model", None), nn.Module) else []
-    candidates += [m for m in pl_module.modules() if hasattr(m, "config") and hasattr(m, "set_experts_implementation")]
-    for candidate in candidates:
-        try:
-            architecture_spec(candidate)
-            moe_layers(candidate)
-            return candidate
-        except UnsupportedModelError:
-            continue
-    raise UnsupportedModelError(
-        f"{type(pl_module).__name__} holds no supported transformers MoE model; keep it at `self.model` "
-        "or register its architecture with camera_pl.register_adapter."
-    )
 
 
 class MicroExpertStatsCallback(pl.Callback):
@@ -133,3 +115,11 @@ class MicroExpertStatsCallback(pl.Callback):
         layers = {int(i): dict(e) for i, e in state_dict["layers"].items()}
         self.stats = MicroExpertStats(state_dict["signature"], layers, state_dict["tokens"], state_dict["meta"])
         self.stats_epoch = state_dict["epoch"]
+
+
+def latest_stats(trainer: pl.Trainer) -> MicroExpertStats | None:
+    """The statistics of the Trainer's :class:`MicroExpertStatsCallback` (its latest validation), if any."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, MicroExpertStatsCallback) and callback.stats is not None:
+            return callback.stats
+    return None

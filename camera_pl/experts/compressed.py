@@ -12,79 +12,69 @@ Main experts keep their original routing weights (no renormalisation over the ma
 with ``θ = 1`` the layer computes exactly the top-``k_main`` part of the original mixture —
 the "naive top-k_main" baseline — and with ``k_main = k`` it computes the original layer.
 
-:class:`CompressedExperts` replaces a layer's experts module (transformers' fused experts, or
-:class:`camera_pl.ragged.RaggedExperts` after CAMERA-P pruning) and keeps it as ``.base``. It
-describes itself with ``kind``/:meth:`~CompressedExperts.spec` and :func:`build_compressed`
-rebuilds it empty, so ``camera_pl.save``/``camera_pl.load`` round-trip it once
-``register_experts_kind("compressed", build_compressed)`` is in effect.
+:class:`CompressedExperts` replaces a layer's experts module of any kind (fused, ragged after
+CAMERA-P pruning, quantized) and keeps it as ``.base``; it reads the base only through the
+experts interface, so statistics, saving and loading work as for every other kind.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 
-from camera_pl.arch.adapters import ArchitectureSpec, MoELayer, moe_layers
-from camera_pl.odp import expert_parameter_counts
-from camera_pl.arch.forward import expert_output
-from camera_pl.experts.ragged import RaggedExperts, build_ragged
+from camera_pl.experts.base import ExpertWeights, as_experts
+from camera_pl.experts.forward import SortedRouting, to_original_channels
+from camera_pl.experts.module import CameraExperts
 
-KIND = "compressed"
-TRAINABLE = ("all", "vectors")
-
-
-def _base_view(base: nn.Module) -> MoELayer:
-    """camera_pl's per-expert weight views of a bare experts module (fused or ragged)."""
-    return MoELayer(-1, SimpleNamespace(experts=base, gate=None), ArchitectureSpec())
-
-
-class CompressedExperts(nn.Module):
+class CompressedExperts(CameraExperts):
     """A layer's routed experts where each token's auxiliary experts act as IA³ vectors on its main experts."""
 
-    kind = KIND
+    kind = "compressed"
 
     def __init__(self, base: nn.Module, top_k: int, k_main: int):
-        super().__init__()
-        if getattr(base, "kind", None) not in (None, RaggedExperts.kind):
-            raise TypeError(f"Compressed experts wrap fused or ragged (pruned) experts, not {base.kind!r} experts; "
-                            "compress before quantizing.")
-        if not getattr(base, "has_gate", True):
+        view = as_experts(base)
+        if isinstance(base, CompressedExperts):
+            raise ValueError("These experts are already compressed.")
+        if not view.layout.has_gate:
             raise TypeError("Compressed experts need gated experts (gate and up projections); this layer's experts "
                             "have no gate projection.")
         if not 1 <= k_main <= top_k:
             raise ValueError(f"k_main must lie in [1, top_k={top_k}], got {k_main}.")
+        super().__init__(view, view.num_experts)
         self.base = base
         self.top_k = top_k
         self.k_main = k_main
-        self.num_experts = int(base.num_experts)
-        self._view = _base_view(base)
-        hidden, inner = self._view.hidden_size, self._view.intermediate_size
-        weight = self._view.down(0)
-        kw = dict(dtype=weight.dtype, device=weight.device)
-        self.theta_gate = nn.Parameter(torch.ones(self.num_experts, hidden, **kw))  # θ1: gate input scale
-        self.theta_inner = nn.Parameter(torch.ones(self.num_experts, inner, **kw))  # θ2: activation scale
-        self.theta_up = nn.Parameter(torch.ones(self.num_experts, hidden, **kw))  # θ3: up input scale
+        kw = dict(dtype=view.dtype, device=view.device)
+        self.theta_gate = nn.Parameter(torch.ones(self.num_experts, self.hidden_size, **kw))  # θ1: gate input scale
+        self.theta_inner = nn.Parameter(torch.ones(self.num_experts, self.intermediate_size, **kw))  # θ2
+        self.theta_up = nn.Parameter(torch.ones(self.num_experts, self.hidden_size, **kw))  # θ3: up input scale
+
+    # ---- the experts interface: the base's weights -----------------------------------------------
+    @property
+    def base_experts(self):
+        return as_experts(self.base)
+
+    def widths(self) -> torch.Tensor:
+        return self.base_experts.widths()
+
+    def channels(self, e: int) -> torch.Tensor:
+        return self.base_experts.channels(e)
+
+    def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
+        return self.base_experts.weights(e, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta_gate.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta_gate.dtype
 
     # ---- computation ------------------------------------------------------------------------
     def _aggregate(self, mix: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """``Σ_i α'_i θ_i`` per token from the mixing matrix ``mix [T, E]`` (rows sum to 1, or to 0: ones)."""
         return 1 + mix.to(theta.dtype) @ (theta - 1)
-
-    def _activation(self, e: int, x: torch.Tensor, theta_gate: torch.Tensor, theta_up: torch.Tensor) -> torch.Tensor:
-        view = self._view
-        gate_w, up_w = view.gate_up(e)
-        if view.is_ragged:
-            biases, apply_gate = self.base.biases(e), self.base.template._apply_gate
-        else:
-            stacked = view.stacked_biases()
-            biases = None if stacked is None else (stacked[0][e], stacked[1][e])
-            apply_gate = self.base._apply_gate
-        g = nn.functional.linear(x * theta_gate, gate_w, None if biases is None else biases[0])
-        u = nn.functional.linear(x * theta_up, up_w, None if biases is None else biases[1])
-        packed = torch.cat([g, u], dim=-1) if view.is_concatenated else torch.stack([g, u], dim=-1).flatten(-2)
-        return apply_gate(packed)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -100,21 +90,29 @@ class CompressedExperts(nn.Module):
             1, index[:, k_main:].clamp(max=self.num_experts - 1), alpha)
         theta_gate, theta_inner, theta_up = (self._aggregate(mix, t) for t in
                                              (self.theta_gate, self.theta_inner, self.theta_up))
-        main = index[:, :k_main]
-        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-        slots = hidden_states.new_zeros(num_tokens, k_main, hidden_states.shape[-1], dtype=out_dtype)
-        for e in torch.unique(main).tolist():
-            if e >= self.num_experts:
-                continue
-            tok, slot = torch.where(main == e)
-            x = hidden_states[tok]
-            a = self._activation(e, x, theta_gate[tok].to(x.dtype), theta_up[tok].to(x.dtype))
-            scale = theta_inner[tok]
-            if self._view.is_ragged:
-                scale = scale[:, self.base.expert_channels(e)]
-            out = expert_output(self.base, e, a * scale.to(a.dtype))
-            slots[tok, slot] = out * weights[tok, slot, None]
-        return slots.sum(dim=1).to(hidden_states.dtype)
+        main_weights = weights[:, :k_main].contiguous()
+        routing = SortedRouting.of(index[:, :k_main].contiguous(), main_weights, self.num_experts)
+        observer = self.__dict__.get("_camera_observer")
+        base, full = self.base_experts, self.full_width
+        x_all = hidden_states[routing.token_ids]
+        acts, outs, start = [], [], 0
+        for e, end in enumerate(routing.ends):
+            if end > start:
+                tok, x = routing.token_ids[start:end], x_all[start:end]
+                w = base.weights(e, x.dtype)
+                a = base.activation(e, x * theta_gate[tok].to(x.dtype), w, up_input=x * theta_up[tok].to(x.dtype))
+                scale = theta_inner[tok] if full else theta_inner[tok][:, base.channels(e)]
+                a = a * scale.to(a.dtype)
+                outs.append(base.output(e, a, w))
+                if observer is not None:
+                    acts.append(a if full else to_original_channels(a, base.channels(e), self.intermediate_size))
+            start = end
+        out = torch.cat(outs) if outs else hidden_states.new_zeros(0, self.hidden_size)
+        if observer is not None and outs:
+            norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
+            observer.observe(routing.expert_ids, routing.token_ids, routing.weights, torch.cat(acts), norms,
+                             top_k_weights)
+        return routing.combine(out, hidden_states, main_weights)
 
     # ---- description ------------------------------------------------------------------------
     def vectors(self) -> list[nn.Parameter]:
@@ -123,70 +121,18 @@ class CompressedExperts(nn.Module):
 
     def parameters_per_token(self) -> float:
         """Routed weight elements one token activates: ``k_main`` experts of mean width plus ``k_a`` vector triples."""
-        triple = 2 * self._view.hidden_size + self._view.intermediate_size
-        return self.k_main * expert_parameter_counts(self._view).mean().item() + (self.top_k - self.k_main) * triple
+        triple = 2 * self.hidden_size + self.intermediate_size
+        return self.k_main * self.parameter_counts().mean().item() + (self.top_k - self.k_main) * triple
 
     def spec(self) -> dict:
-        """What :func:`build_compressed` needs to rebuild an empty module of this shape (JSON-able)."""
-        base = None if getattr(self.base, "kind", None) is None else {"kind": self.base.kind, "spec": self.base.spec()}
-        return {"top_k": self.top_k, "k_main": self.k_main, "base": base}
+        base = self.base if isinstance(self.base, CameraExperts) else None
+        return {"top_k": self.top_k, "k_main": self.k_main,
+                "base": None if base is None else {"kind": base.kind, "spec": base.spec()}}
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, k_main={self.k_main}"
 
 
-def build_compressed(spec: dict, original: nn.Module) -> CompressedExperts:
-    """Empty :class:`CompressedExperts` of the recorded shape around ``original`` (weights come from the state dict)."""
-    base = original
-    if spec["base"] is not None:
-        if spec["base"]["kind"] != RaggedExperts.kind:
-            raise ValueError(f"Cannot rebuild compressed experts over {spec['base']['kind']!r} experts; "
-                             "only fused and ragged bases exist.")
-        base = build_ragged(spec["base"]["spec"], original)
-    return CompressedExperts(base, spec["top_k"], spec["k_main"])
-
-
-def compress_experts(model: nn.Module, k_main: int | None = None, trainable: str = "all") -> list[CompressedExperts]:
-    """Replace every MoE layer's experts of ``model`` (in place) by :class:`CompressedExperts`.
-
-    Args:
-        model: a transformers MoE causal LM, fused or pruned (ragged) experts.
-        k_main: main experts per token; default ``top_k // 2`` (at least 1), the paper's ``k/2``.
-        trainable: ``"all"`` leaves every parameter's ``requires_grad`` as it is (the paper trains
-            all parameters); ``"vectors"`` freezes everything except the θ vectors.
-
-    Returns:
-        The new modules, in layer order.
-    """
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}.")
-    top_k = getattr(model.config, "num_experts_per_tok", None)
-    if top_k is None:
-        raise ValueError(f"{type(model).__name__}'s config has no num_experts_per_tok; compressed experts need "
-                         "top-k routing.")
-    k_main = max(1, top_k // 2) if k_main is None else k_main
-    layers = moe_layers(model)
-    if any(isinstance(layer.experts, CompressedExperts) for layer in layers):
-        raise ValueError("This model's experts are already compressed.")
-    new = []
-    for layer in layers:
-        module = CompressedExperts(layer.experts, top_k, k_main)
-        setattr(layer.block, layer.spec.experts, module)
-        new.append(module)
-    if trainable == "vectors":
-        model.requires_grad_(False)
-        for module in new:
-            for theta in module.vectors():
-                theta.requires_grad_(True)
-    return new
-
-
-def routed_parameters_per_token(model: nn.Module) -> float:
-    """Routed-expert weight elements one token activates, summed over MoE layers (biases left out).
-
-    Compressed layers count ``k_main`` experts plus ``k_a`` vector triples; other layers count
-    ``num_experts_per_tok`` experts of mean width (exact for experts of equal width).
-    """
-    top_k = model.config.num_experts_per_tok
-    return sum(layer.experts.parameters_per_token() if isinstance(layer.experts, CompressedExperts)
-               else top_k * expert_parameter_counts(layer).mean().item() for layer in moe_layers(model))
+def build_compressed(spec: dict, replaced) -> CompressedExperts:
+    """Empty :class:`CompressedExperts` of the recorded shape around ``replaced`` (its base, already rebuilt)."""
+    return CompressedExperts(replaced.module, spec["top_k"], spec["k_main"])

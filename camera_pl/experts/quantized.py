@@ -1,6 +1,7 @@
-"""``QuantizedExperts``: bit-packed mixed-precision storage for a layer's fused routed experts.
+"""``QuantizedExperts``: bit-packed mixed-precision storage for a layer's routed experts.
 
-Each expert has up to three weight matrices, each stored as quantized *rows* (see
+The experts may be fused (equal widths) or ragged (pruned first: expert ``e`` keeps
+``widths[e]`` micro-experts, whose original indices are stored). Each expert has up to three weight matrices, each stored as quantized *rows* (see
 :mod:`camera_pl.quant.quantizers`): gate ``[I, H]`` and up ``[I, H]`` rows, and the down
 projection either as rows of ``down.T [I, H]`` (``down_axis="in"``: one row per
 micro-expert column, so a micro-expert's gate row, up row and down column share one
@@ -8,17 +9,17 @@ bit-width) or as rows of ``down [H, I]`` (``down_axis="out"``: per output channe
 
 Rows of equal bit-width are kept together, per matrix and bit-width, in expert order:
 
-* ``{m}_bits``   uint8 ``[E, R]``: bit-width of every row (the allocation map);
+* ``{m}_bits``   uint8 ``[ΣR_e]``: bit-width of every row, expert after expert (the allocation map);
 * ``{m}_q{b}``   uint8 ``[N_b, ceil(C·b/8)]``: codes of the ``N_b`` rows at ``b`` bits, bit-packed;
-* ``{m}_s{b}``   int16 ``[N_b, G]``: float16 scales, stored as their bit pattern so that
+* ``{m}_s{b}``   uint8 ``[N_b, 2G]``: float16 scales, stored as their bytes so that
   ``model.to(dtype)`` never re-rounds them;
 * ``{m}_z{b}``   uint8 ``[N_b, G]``: zero points (absent for 1-bit rows: sign × scale).
 
-The rows of expert ``e`` at ``b`` bits are a contiguous slice, found from ``{m}_bits``.
-The forward dequantizes each hit expert on the fly into the activations' dtype and runs
-exactly the experts' own math (``_apply_gate``, ``act_fn``, biases, post-expert norm), so
-it matches the fused model with the dequantized weights written back (fake quantization).
-The packed module is for inference: codes are buffers, only biases stay trainable.
+The rows of expert ``e`` at ``b`` bits are a contiguous slice, whose start is precomputed
+once from ``{m}_bits``. The forward (camera_pl's experts forward) dequantizes each hit
+expert on the fly into the activations' dtype and runs exactly the experts' own math, so
+it matches the model with the dequantized weights written back (fake quantization). The
+packed module is for inference: codes are buffers, only biases stay trainable.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from camera_pl.experts.base import Experts, ExpertWeights, cast
+from camera_pl.experts.module import CameraExperts
 from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows, dequantize
-from camera_pl.serialization import register_experts_kind
-
-KIND = "quantized"
-_SCALARS = (bool, int, float, str)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,172 +54,166 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     return out
 
 
-def expert_act(experts: nn.Module, e: int, x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
-    """Micro-expert activations ``a_e(x) [T, I]`` of an experts module with explicit ``[I, H]`` weights.
+class QuantizedExperts(CameraExperts):
+    """Replacement for a layer's routed experts, holding bit-packed mixed-precision weights.
 
-    Works for transformers' fused experts and for :class:`QuantizedExperts` alike: the
-    gate/up outputs are laid out as the module expects (concatenated or interleaved)
-    before its own ``_apply_gate``; biases are the module's.
-    """
-    has_bias = getattr(experts, "has_bias", False)
-    u = nn.functional.linear(x, up)
-    if gate is None:
-        return experts.act_fn(u + experts.up_proj_bias[e] if has_bias else u)
-    g = nn.functional.linear(x, gate)
-    if getattr(experts, "is_concatenated", True):
-        proj = torch.cat([g, u], dim=-1)
-    else:
-        proj = torch.stack([g, u], dim=-1).flatten(-2)
-    if has_bias:
-        proj = proj + experts.gate_up_proj_bias[e]
-    return experts._apply_gate(proj)
-
-
-def expert_out(experts: nn.Module, e: int, a: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """``f_e(x) [T, H]`` from activations and an explicit ``down [H, I]`` (bias, post-expert norm)."""
-    out = nn.functional.linear(a, down)
-    if getattr(experts, "has_bias", False):
-        out = out + experts.down_proj_bias[e]
-    if getattr(experts, "has_post_expert_norm", False):
-        out = experts.post_expert_norm(out)
-    return out
-
-
-def run_expert(experts: nn.Module, e: int, x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor,
-               down: torch.Tensor) -> torch.Tensor:
-    """``f_e(x) [T, H]`` of expert ``e`` computed with the given weights (routing weight not applied)."""
-    return expert_out(experts, e, expert_act(experts, e, x, gate, up), down)
-
-
-class QuantizedExperts(nn.Module):
-    """Drop-in replacement for a fused experts module, holding bit-packed mixed-precision weights.
-
-    Build one with :meth:`from_rows`; ``QuantizedExperts(original, spec)`` makes an empty
+    Build one with :meth:`from_rows`; ``QuantizedExperts(replaced, spec)`` makes an empty
     module of the right shapes (used by :func:`camera_pl.serialization.load`).
     """
 
-    kind = KIND
+    kind = "quantized"
 
-    def __init__(self, original: nn.Module, spec: dict):
-        super().__init__()
+    def __init__(self, replaced: Experts, spec: dict):
+        super().__init__(replaced, len(spec["widths"]))
         self._spec = spec
-        for name, value in vars(original).items():  # flags and the constants _apply_gate reads
-            if not name.startswith("_") and isinstance(value, _SCALARS):
-                setattr(self, name, value)
-        self.num_experts = int(spec["num_experts"])
-        self.hidden_size = int(spec["hidden_size"])
-        self.intermediate_size = int(spec["intermediate_size"])
-        self._gate_fn = getattr(type(original), "_apply_gate", None)
-        for name in ("act_fn", "post_expert_norm"):
-            if isinstance(getattr(original, name, None), nn.Module):
-                setattr(self, name, getattr(original, name))
-        if getattr(self, "has_bias", False):
-            for name in ("gate_up_proj_bias" if self.has_gate else "up_proj_bias", "down_proj_bias"):
-                setattr(self, name, nn.Parameter(getattr(original, name).detach().clone()))
+        self._widths = torch.tensor(spec["widths"], dtype=torch.long)
+        self._offsets = [0] + torch.cumsum(self._widths, 0).tolist()
+        self._starts: dict[str, dict[int, list[int]]] | None = None
+        device, total, hidden = replaced.device, int(self._widths.sum()), self.hidden_size
+        if self.layout.has_bias:
+            kw = dict(dtype=replaced.dtype, device=device)
+            self.up_bias = nn.Parameter(torch.zeros(total, **kw))
+            self.gate_bias = nn.Parameter(torch.zeros(total, **kw)) if self.layout.has_gate else None
+            self.down_bias = nn.Parameter(torch.zeros(self.num_experts, hidden, **kw))
+        if not spec.get("full_width", True):
+            self.register_buffer("channel_index", torch.zeros(total, dtype=torch.long, device=device))
         for m, info in spec["matrices"].items():
-            rows, length, groups = info["rows"], info["length"], -(-info["length"] // info["group_size"])
-            self.register_buffer(f"{m}_bits", torch.zeros(self.num_experts, rows, dtype=torch.uint8))
+            length, groups = info["length"], -(-info["length"] // info["group_size"])
+            self.register_buffer(f"{m}_bits", torch.zeros(sum(self.rows_per_expert(m)), dtype=torch.uint8, device=device))
             for b, n in info["counts"].items():
                 b = int(b)
-                self.register_buffer(f"{m}_q{b}", torch.zeros(n, -(-length * b // 8), dtype=torch.uint8))
-                self.register_buffer(f"{m}_s{b}", torch.zeros(n, groups, dtype=torch.int16))
+                self.register_buffer(f"{m}_q{b}", torch.zeros(n, -(-length * b // 8), dtype=torch.uint8, device=device))
+                self.register_buffer(f"{m}_s{b}", torch.zeros(n, 2 * groups, dtype=torch.uint8, device=device))
                 if b > 1:
-                    self.register_buffer(f"{m}_z{b}", torch.zeros(n, groups, dtype=torch.uint8))
+                    self.register_buffer(f"{m}_z{b}", torch.zeros(n, groups, dtype=torch.uint8, device=device))
+
+    def rows_per_expert(self, m: str) -> list[int]:
+        """Quantized rows of matrix ``m`` per expert."""
+        if m == "down" and self._spec["down_axis"] == "out":
+            return [self.hidden_size] * self.num_experts
+        return self._widths.tolist()
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_rows(cls, original: nn.Module, matrices: dict[str, list[QuantizedRows]],
+    def from_rows(cls, replaced: Experts, matrices: dict[str, list[QuantizedRows]],
                   down_axis: str) -> "QuantizedExperts":
         """Pack per-expert quantized matrices (``{"gate"?, "up", "down": [QuantizedRows per expert]}``).
 
-        Gate/up rows are rows of ``[I, H]``; down rows are rows of ``down.T`` (``down_axis="in"``)
-        or of ``down`` (``down_axis="out"``).
+        Gate/up rows are rows of ``[W_e, H]``; down rows are rows of ``down.T`` (``down_axis="in"``)
+        or of ``down`` (``down_axis="out"``, experts of equal width only). The micro-experts kept
+        are ``replaced``'s.
         """
         if down_axis not in ("in", "out"):
             raise ValueError(f"down_axis must be 'in' (micro-expert columns) or 'out' (output rows), got {down_axis!r}.")
-        up = matrices["up"][0]
-        spec = {"num_experts": len(matrices["up"]), "hidden_size": up.codes.shape[1],
-                "intermediate_size": up.codes.shape[0], "down_axis": down_axis, "matrices": {}}
+        widths = replaced.widths()
+        if down_axis == "out" and not bool((widths == widths[0]).all()):
+            raise ValueError("down_axis='out' quantizes rows of the down projection, whose length differs between "
+                             "experts of unequal width (after layer/global pruning); use down_axis='in'.")
+        spec = {"widths": widths.tolist(), "full_width": replaced.full_width, "down_axis": down_axis, "matrices": {}}
         for m, per_expert in matrices.items():
-            bits = torch.stack([q.bits for q in per_expert])
+            bits = torch.cat([q.bits for q in per_expert])
             spec["matrices"][m] = {
-                "rows": per_expert[0].codes.shape[0], "length": per_expert[0].codes.shape[1],
-                "group_size": per_expert[0].group_size,
-                "counts": {str(b): int((bits == b).sum()) for b in sorted(set(bits.flatten().tolist()))},
+                "length": per_expert[0].codes.shape[1], "group_size": per_expert[0].group_size,
+                "counts": {str(b): int((bits == b).sum()) for b in sorted(set(bits.tolist()))},
             }
-        module = cls(original, spec)
+        module = cls(replaced, spec)
         with torch.no_grad():
+            if not replaced.full_width:
+                module.channel_index.copy_(torch.cat([replaced.channels(e) for e in range(replaced.num_experts)]))
+            if module.layout.has_bias:
+                per = [replaced.weights(e) for e in range(replaced.num_experts)]
+                module.up_bias.copy_(torch.cat([w.up_bias for w in per]))
+                module.down_bias.copy_(torch.stack([w.down_bias for w in per]))
+                if module.gate_bias is not None:
+                    module.gate_bias.copy_(torch.cat([w.gate_bias for w in per]))
             for m, per_expert in matrices.items():
-                getattr(module, f"{m}_bits").copy_(torch.stack([q.bits for q in per_expert]))
+                rows = [q for q in per_expert]
+                bits = torch.cat([q.bits for q in rows])
+                getattr(module, f"{m}_bits").copy_(bits)
+                codes, scale, zero = (torch.cat([getattr(q, n) for q in rows]) for n in ("codes", "scale", "zero"))
                 for b in spec["matrices"][m]["counts"]:
                     b = int(b)
-                    sel = [(q, q.bits == b) for q in per_expert]
-                    codes = torch.cat([q.codes[k] for q, k in sel])
-                    getattr(module, f"{m}_q{b}").copy_(pack_codes(codes, b))
-                    scale = torch.cat([q.scale[k] for q, k in sel]).to(SCALE_DTYPE)
-                    getattr(module, f"{m}_s{b}").copy_(scale.view(torch.int16))
+                    here = bits == b
+                    getattr(module, f"{m}_q{b}").copy_(pack_codes(codes[here], b))
+                    getattr(module, f"{m}_s{b}").copy_(scale[here].to(SCALE_DTYPE).view(torch.uint8))
                     if b > 1:
-                        getattr(module, f"{m}_z{b}").copy_(torch.cat([q.zero[k] for q, k in sel]))
-        return module.to(up.codes.device)
+                        getattr(module, f"{m}_z{b}").copy_(zero[here])
+        return module
 
     def spec(self) -> dict:
-        """JSON-able description from which :class:`QuantizedExperts` rebuilds an empty module."""
         return self._spec
 
-    # ---- weights ---------------------------------------------------------------------------
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return self._gate_fn(self, gate_up)
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._starts = None  # the bit maps change: recompute the row starts on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # ---- the experts interface -------------------------------------------------------------
+    def widths(self) -> torch.Tensor:
+        return self._widths.clone()
+
+    def channels(self, e: int) -> torch.Tensor:
+        if "channel_index" in self._buffers:
+            return self.channel_index[self._offsets[e]:self._offsets[e + 1]]
+        return torch.arange(self.intermediate_size, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._buffers.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        bias = self._parameters.get("up_bias")
+        return bias.dtype if bias is not None else torch.float32
+
+    def _row_starts(self) -> dict[str, dict[int, list[int]]]:
+        """Per matrix and bit-width, the first row of each expert in that bit-width's store (one host sync)."""
+        if self._starts is None:
+            self._starts = {}
+            for m in self._spec["matrices"]:
+                bit_map = getattr(self, f"{m}_bits").cpu()
+                ends = torch.tensor([0] + self.rows_per_expert(m)).cumsum(0)
+                self._starts[m] = {}
+                for b in self._spec["matrices"][m]["counts"]:
+                    seen = torch.cat([torch.zeros(1, dtype=torch.long), (bit_map == int(b)).long().cumsum(0)])
+                    self._starts[m][int(b)] = seen[ends].tolist()
+        return self._starts
 
     def _matrix(self, m: str, e: int) -> torch.Tensor:
-        """Float32 rows ``[R, C]`` of matrix ``m`` of expert ``e``."""
+        """Float32 rows ``[R_e, C]`` of matrix ``m`` of expert ``e``."""
         info = self._spec["matrices"][m]
-        bit_map = getattr(self, f"{m}_bits")
-        out = torch.empty(info["rows"], info["length"], device=bit_map.device)
-        for b in info["counts"]:
-            b = int(b)
-            here = bit_map[e] == b
-            n = int(here.sum())
-            if n == 0:
+        first = sum(self.rows_per_expert(m)[:e])
+        bit_map = getattr(self, f"{m}_bits")[first:first + self.rows_per_expert(m)[e]]
+        out = torch.empty(bit_map.shape[0], info["length"], device=bit_map.device)
+        for b, starts in self._row_starts()[m].items():
+            start, stop = starts[e], starts[e + 1]
+            if stop == start:
                 continue
-            start = int((bit_map[:e] == b).sum())
-            codes = unpack_codes(getattr(self, f"{m}_q{b}")[start:start + n], b, info["length"])
-            scale = getattr(self, f"{m}_s{b}")[start:start + n].view(SCALE_DTYPE)
-            zero = getattr(self, f"{m}_z{b}")[start:start + n] if b > 1 else torch.zeros_like(scale, dtype=torch.uint8)
-            bits = torch.full((n,), b, device=codes.device)
-            out[here] = dequantize(codes, scale, zero, bits, info["group_size"])
+            codes = unpack_codes(getattr(self, f"{m}_q{b}")[start:stop], b, info["length"])
+            scale = getattr(self, f"{m}_s{b}")[start:stop].view(SCALE_DTYPE)
+            zero = getattr(self, f"{m}_z{b}")[start:stop] if b > 1 else torch.zeros_like(scale, dtype=torch.uint8)
+            bits = torch.full((stop - start,), b, device=codes.device)
+            out[bit_map == b] = dequantize(codes, scale, zero, bits, info["group_size"])
         return out
 
-    def expert_weights(self, e: int, dtype: torch.dtype = torch.float32
-                       ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Dequantized ``(gate [I, H] or None, up [I, H], down [H, I])`` of expert ``e`` in ``dtype``."""
+    def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """Dequantized weights of expert ``e`` (float32 unless ``dtype``)."""
         down = self._matrix("down", e)
         down = down.t() if self._spec["down_axis"] == "in" else down
-        gate = self._matrix("gate", e).to(dtype) if "gate" in self._spec["matrices"] else None
-        return gate, self._matrix("up", e).to(dtype), down.to(dtype)
+        gate = self._matrix("gate", e) if "gate" in self._spec["matrices"] else None
+        w = ExpertWeights(gate, self._matrix("up", e), down)
+        if self.layout.has_bias:
+            s = slice(self._offsets[e], self._offsets[e + 1])
+            w.gate_bias = None if self.gate_bias is None else self.gate_bias[s]
+            w.up_bias, w.down_bias = self.up_bias[s], self.down_bias[e]
+        return w if dtype is None else cast(w, dtype)
 
     def memory(self) -> dict[str, float]:
-        """Expert-weight storage: bytes of codes + scales + zeros + bit maps, and bits per weight."""
+        """Expert-weight storage: bytes of codes + scales + zeros + bit maps (+ channel index), and bits per weight."""
         weight_bytes = sum(b.numel() * b.element_size() for b in self.buffers())
-        params = sum(info["rows"] * info["length"] for info in self._spec["matrices"].values()) * self.num_experts
+        params = sum(sum(self.rows_per_expert(m)) * info["length"] for m, info in self._spec["matrices"].items())
         bias_bytes = sum(p.numel() * p.element_size() for p in self.parameters(recurse=False))
         return {"weight_bytes": weight_bytes, "params": params, "bits_per_param": 8 * weight_bytes / params,
                 "bias_bytes": bias_bytes}
-
-    # ---- forward ---------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Experts-interface forward: ``hidden_states [T, H]``, routing ``[T, k]`` -> ``[T, H]``."""
-        num_tokens, top_k = top_k_index.shape
-        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-        slots = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1], dtype=out_dtype)
-        for e in torch.unique(top_k_index).tolist():
-            if e >= self.num_experts:  # expert-parallel sentinel
-                continue
-            tok, slot = torch.where(top_k_index == e)
-            gate, up, down = self.expert_weights(e, hidden_states.dtype)
-            out = run_expert(self, e, hidden_states[tok], gate, up, down)
-            slots[tok, slot] = out * top_k_weights[tok, slot, None]
-        return slots.sum(dim=1).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         mem = self.memory()
@@ -228,4 +221,6 @@ class QuantizedExperts(nn.Module):
                 f"bits/param={mem['bits_per_param']:.3f}")
 
 
-register_experts_kind(KIND, lambda spec, original: QuantizedExperts(original, spec))
+def build_quantized(spec: dict, replaced: Experts) -> QuantizedExperts:
+    """Empty :class:`QuantizedExperts` of the recorded shapes (codes come from the state dict)."""
+    return QuantizedExperts(replaced, spec)

@@ -1,12 +1,9 @@
-"""Experts of unequal width: what CAMERA-P's layer-wise allocation leaves behind.
+"""Experts of unequal width: what CAMERA-P's layer-wise and global allocations leave behind.
 
 transformers' fused ``[E, 2I, H]`` tensors need every expert to keep the same width.
 :class:`RaggedExperts` stores the kept micro-experts of all experts compactly — one
-``[ΣI_e, H]`` gate, up and one ``[H, ΣI_e]`` down parameter plus the original channel
-index of each kept micro-expert — and runs the experts-interface forward over per-expert
-slices. Gating (including custom ``_apply_gate`` such as GPT-OSS's clamped SwiGLU with
-interleaved layout) is delegated to the original experts module, kept as a weightless
-template, so semantics match transformers for any interface flags.
+``[ΣW_e, H]`` gate and up and one ``[H, ΣW_e]`` down parameter plus the original channel
+index of each kept micro-expert — and answers the experts interface per expert slice.
 """
 
 from __future__ import annotations
@@ -14,122 +11,138 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camera_pl.arch.forward import camera_experts_forward
+from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, cast, grouped_mm_supported
+from camera_pl.experts.module import CameraExperts
 
 
-def _strip_weights(experts: nn.Module) -> nn.Module:
-    """The original experts module without its (large) tensors: only its gating behaviour remains."""
-    for name in list(experts._parameters):
-        experts._parameters[name] = None
-    return experts
-
-
-class RaggedExperts(nn.Module):
+class RaggedExperts(CameraExperts):
     """Routed experts where expert ``e`` keeps ``widths[e]`` of its original micro-experts."""
 
     kind = "ragged"
 
-    def __init__(self, template: nn.Module, channels: list[torch.Tensor], hidden_size: int, intermediate_size: int,
-                 has_bias: bool, dtype: torch.dtype, device: torch.device | str | None = None):
-        super().__init__()
-        self.num_experts = len(channels)
-        self.intermediate_size = intermediate_size
-        self.hidden_size = hidden_size
-        self.has_gate = bool(getattr(template, "has_gate", True))
-        self.has_bias = has_bias
-        self.is_concatenated = bool(getattr(template, "is_concatenated", True))
-        total = int(sum(len(c) for c in channels))
+    def __init__(self, replaced: Experts, widths: list[int], dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__(replaced, len(widths))
+        total, hidden = int(sum(widths)), self.hidden_size
         kw = dict(dtype=dtype, device=device)
-        self.up = nn.Parameter(torch.empty(total, hidden_size, **kw))
-        self.gate = nn.Parameter(torch.empty(total, hidden_size, **kw)) if self.has_gate else None
-        self.down = nn.Parameter(torch.empty(hidden_size, total, **kw))
+        has_gate, has_bias = self.layout.has_gate, self.layout.has_bias
+        self.up = nn.Parameter(torch.empty(total, hidden, **kw))
+        self.gate = nn.Parameter(torch.empty(total, hidden, **kw)) if has_gate else None
+        self.down = nn.Parameter(torch.empty(hidden, total, **kw))
         self.up_bias = nn.Parameter(torch.empty(total, **kw)) if has_bias else None
-        self.gate_bias = nn.Parameter(torch.empty(total, **kw)) if has_bias and self.has_gate else None
-        self.down_bias = nn.Parameter(torch.empty(self.num_experts, hidden_size, **kw)) if has_bias else None
-        widths = torch.tensor([len(c) for c in channels], dtype=torch.long)
-        self.register_buffer("widths", widths)
-        self.register_buffer("channels", torch.cat([c.long().cpu() for c in channels]) if total else torch.zeros(0, dtype=torch.long))
-        self._offsets = [0] + torch.cumsum(widths, 0).tolist()
-        object.__setattr__(self, "template", _strip_weights(template))  # not a submodule: no state
+        self.gate_bias = nn.Parameter(torch.empty(total, **kw)) if has_bias and has_gate else None
+        self.down_bias = nn.Parameter(torch.empty(self.num_experts, hidden, **kw)) if has_bias else None
+        self.register_buffer("channel_index", torch.zeros(total, dtype=torch.long, device=device))
+        self._widths = torch.tensor(widths, dtype=torch.long)
+        self._offsets = [0] + torch.cumsum(self._widths, 0).tolist()
 
-    # ---- layout ---------------------------------------------------------------------------
+    @classmethod
+    def from_experts(cls, source: Experts, keep: torch.Tensor, experts_kept: list[int] | None = None
+                     ) -> "RaggedExperts":
+        """Keep ``keep [E, I]`` (original indices) of ``source``'s experts ``experts_kept`` (default all)."""
+        kept = range(source.num_experts) if experts_kept is None else experts_kept
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("gate", "up", "down", "gate_bias", "up_bias",
+                                                                "down_bias", "channels")}
+        for e in kept:
+            present = source.channels(e)
+            local = keep[e, present.to(keep.device)].nonzero().squeeze(1).to(present.device)
+            w = source.weights(e)
+            parts["channels"].append(present[local])
+            for name in ("gate", "up", "gate_bias", "up_bias"):
+                t = getattr(w, name)
+                if t is not None:
+                    parts[name].append(t[local])
+            parts["down"].append(w.down[:, local])
+            if w.down_bias is not None:
+                parts["down_bias"].append(w.down_bias)
+        ref = parts["up"][0]
+        new = cls(source, [len(c) for c in parts["channels"]], ref.dtype, ref.device)
+        with torch.no_grad():
+            new.channel_index.copy_(torch.cat(parts["channels"]))
+            for name, dim in (("gate", 0), ("up", 0), ("down", 1), ("gate_bias", 0), ("up_bias", 0)):
+                if getattr(new, name) is not None:
+                    getattr(new, name).copy_(torch.cat(parts[name], dim=dim))
+            if new.down_bias is not None:
+                new.down_bias.copy_(torch.stack(parts["down_bias"]))
+        new.train(source.module.training)
+        return new
+
+    # ---- the experts interface -------------------------------------------------------------
     def _slice(self, e: int) -> slice:
         return slice(self._offsets[e], self._offsets[e + 1])
 
-    def expert_channels(self, e: int) -> torch.Tensor:
-        """Original channel indices of expert ``e``'s kept micro-experts."""
-        return self.channels[self._slice(e)]
+    def widths(self) -> torch.Tensor:
+        return self._widths.clone()
 
-    def gate_up(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def channels(self, e: int) -> torch.Tensor:
+        return self.channel_index[self._slice(e)]
+
+    def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         s = self._slice(e)
-        return (self.gate[s] if self.gate is not None else None), self.up[s]
+        w = ExpertWeights(None if self.gate is None else self.gate[s], self.up[s], self.down[:, s],
+                          None if self.gate_bias is None else self.gate_bias[s],
+                          None if self.up_bias is None else self.up_bias[s],
+                          None if self.down_bias is None else self.down_bias[e])
+        return w if dtype is None else cast(w, dtype)
 
-    def down_weight(self, e: int) -> torch.Tensor:
-        return self.down[:, self._slice(e)]
+    def write(self, e: int, w: ExpertWeights) -> None:
+        """Overwrite expert ``e``'s weights in place (fake quantization)."""
+        mine = self.weights(e)
+        with torch.no_grad():
+            for name in ("gate", "up", "down"):
+                if getattr(mine, name) is not None:
+                    getattr(mine, name).copy_(getattr(w, name))
 
-    def biases(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
-        if not self.has_bias:
-            return None
-        s = self._slice(e)
-        return (self.gate_bias[s] if self.gate_bias is not None else None), self.up_bias[s], self.down_bias[e]
+    def weight_parameters(self) -> list[str]:
+        return [name for name in ("gate", "up", "down") if getattr(self, name) is not None]
 
-    # ---- computation ------------------------------------------------------------------------
-    def expert_activation(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(e)
-        b = self.biases(e)
-        u = nn.functional.linear(x, up, None if b is None else b[1])
-        if gate is None:
-            return self.template.act_fn(u)
-        g = nn.functional.linear(x, gate, None if b is None else b[0])
-        packed = torch.cat([g, u], dim=-1) if self.is_concatenated else torch.stack([g, u], dim=-1).flatten(-2)
-        return self.template._apply_gate(packed)
+    @property
+    def device(self) -> torch.device:
+        return self.up.device
 
-    def expert_output(self, e: int, a: torch.Tensor) -> torch.Tensor:
-        b = self.biases(e)
-        return nn.functional.linear(a, self.down_weight(e), None if b is None else b[2])
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.dtype
 
-    def grouped_weights(self) -> tuple:
-        """Zero-padded per-expert weights for grouped GEMMs (widths padded to a multiple of 8).
+    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | None:
+        """Zero-padded weights for grouped GEMMs (CUDA bf16 only; on a CPU the per-expert loop is faster).
 
-        Returns ``(w_up [E, H, 2W], w_down [E, W, H], up_bias [E, 2W] | None, down_bias | None,
-        channel_map [E, W])`` in the original module's gate layout; padded channels have zero
-        weights and biases, so they contribute nothing. Built per call (differentiable), trading
-        a weight copy for two large kernels instead of one small matmul pair per expert.
+        Widths are padded to a multiple of 8; padded channels have zero weights and biases, so
+        they contribute nothing. Built per call (differentiable).
         """
-        width = max(8, -(-int(self.widths.max()) // 8) * 8)
-        rows = torch.repeat_interleave(torch.arange(self.num_experts, device=self.up.device), self.widths)
-        slots = torch.arange(rows.numel(), device=rows.device) - torch.tensor(
-            self._offsets[:-1], device=rows.device)[rows]
+        if not self.layout.has_gate or self.layout.post_norm or not grouped_mm_supported(x, on_cpu=False):
+            return None
+        if self.up.dtype != x.dtype:
+            return None
+        return self.padded()
+
+    def padded(self) -> GroupedWeights:
+        """All experts zero-padded to one width (a multiple of 8), in the grouped-GEMM orientation."""
+        width = max(8, -(-int(self._widths.max()) // 8) * 8)
+        device = self.up.device
+        rows = torch.repeat_interleave(torch.arange(self.num_experts, device=device), self._widths.to(device))
+        slots = torch.arange(rows.numel(), device=device) - torch.tensor(self._offsets[:-1], device=device)[rows]
         shape = (self.num_experts, width)
 
-        def pad(t: torch.Tensor) -> torch.Tensor:  # [ΣI, ...] -> [E, W, ...]
-            out = t.new_zeros(*shape, *t.shape[1:])
-            return out.index_put((rows, slots), t)
+        def pad(t: torch.Tensor) -> torch.Tensor:  # [ΣW, ...] -> [E, width, ...]
+            return t.new_zeros(*shape, *t.shape[1:]).index_put((rows, slots), t)
 
-        def pack(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-            return torch.cat([g, u], dim=1) if self.is_concatenated else torch.stack([g, u], dim=2).flatten(1, 2)
+        up = self.layout.pack(None if self.gate is None else pad(self.gate), pad(self.up), 1).transpose(1, 2)
+        up_bias = None
+        if self.up_bias is not None:
+            up_bias = self.layout.pack(None if self.gate_bias is None else pad(self.gate_bias), pad(self.up_bias), 1)
+        channels = torch.full(shape, self.intermediate_size, dtype=torch.long, device=device)
+        channels[rows, slots] = self.channel_index
+        return GroupedWeights(up, pad(self.down.t()), up_bias, self.down_bias, channels)
 
-        w_up = pack(pad(self.gate), pad(self.up)).transpose(1, 2)
-        w_down = pad(self.down.t())
-        up_bias = pack(pad(self.gate_bias), pad(self.up_bias)) if self.has_bias else None
-        channel_map = torch.full(shape, self.intermediate_size, dtype=torch.long, device=rows.device)
-        channel_map[rows, slots] = self.channels
-        return w_up, w_down, up_bias, self.down_bias, channel_map
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return camera_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-
+    # ---- description -------------------------------------------------------------------------
     def spec(self) -> dict:
-        """What :func:`build_ragged` needs to rebuild an empty module of this shape."""
-        return {"widths": self.widths.tolist(), "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size, "has_bias": self.has_bias}
+        return {"widths": self._widths.tolist()}
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, widths={self.widths.tolist()}, of={self.intermediate_size}"
+        return f"num_experts={self.num_experts}, widths={self._widths.tolist()}, of={self.intermediate_size}"
 
 
-def build_ragged(spec: dict, original: nn.Module) -> RaggedExperts:
+def build_ragged(spec: dict, replaced: Experts) -> RaggedExperts:
     """Empty :class:`RaggedExperts` of the recorded widths (weights and channels come from the state dict)."""
-    channels = [torch.zeros(w, dtype=torch.long) for w in spec["widths"]]
-    dtype = next((p.dtype for p in original.parameters()), torch.float32)
-    return RaggedExperts(original, channels, spec["hidden_size"], spec["intermediate_size"], spec["has_bias"], dtype)
+    return RaggedExperts(replaced, spec["widths"], replaced.dtype, replaced.device)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+
+from camera_pl.lightning.structure import restore_structure
 
 
 class CausalLMModule(pl.LightningModule):
@@ -46,10 +47,8 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild pruned shapes recorded by CameraPruning before Lightning loads the weights."""
-        from camera_pl.callbacks.pruning import restore_structure
-
-        restore_structure(self.model, checkpoint)
+        """Rebuild the compressed structure recorded by camera_pl's callbacks before Lightning loads the weights."""
+        self.model = restore_structure(self.model, checkpoint)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -59,20 +58,3 @@ class CausalLMModule(pl.LightningModule):
         warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _as_loader(batches: Iterable | None) -> DataLoader | None:
-    """Lightning reads a plain list as several dataloaders: wrap pre-built batches as one."""
-    return batches if batches is None or isinstance(batches, DataLoader) else DataLoader(list(batches), batch_size=None)
-
-
-def finetune(model: nn.Module, train_batches: Iterable, steps: int, lr: float = 1e-4, accelerator: str = "auto",
-             callbacks: list | None = None, val_batches: Iterable | None = None, progress: bool = False) -> nn.Module:
-    """A short Lightning fit of ``steps`` batches on ``model`` (whatever is trainable); returns the trained model."""
-    module = CausalLMModule(model, lr=lr)
-    trainer = pl.Trainer(accelerator=accelerator, max_steps=steps, logger=False, enable_checkpointing=False,
-                         callbacks=callbacks or [], enable_progress_bar=progress, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0 if val_batches is None else 1.0)
-    with torch.inference_mode(False):
-        trainer.fit(module, train_dataloaders=_as_loader(train_batches), val_dataloaders=_as_loader(val_batches))
-    return module.model.eval()

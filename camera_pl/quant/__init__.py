@@ -1,16 +1,10 @@
 """Mixed-precision weight-only quantization of MoE experts (CAMERA-Q, MC's PMQ and baselines).
 
-* :mod:`.quantizers` — RTN and GPTQ at 1–8 bits with per-row bit-widths;
+* :mod:`.quantizers` — RTN and GPTQ at 1–8 bits with per-row bit-widths (pure tensor math);
 * :mod:`.allocation`, :mod:`.methods` — who gets how many bits;
-* :mod:`.packed` — ``QuantizedExperts``, bit-packed storage with an experts-interface forward;
-* :mod:`.api` — :func:`quantize` and :class:`QuantReport`;
+* :mod:`.api` — :func:`~camera_pl.quant.api.quantize` (also ``camera_pl.quantize``) and its report;
+* :mod:`.fake` — a straight-through fake-quantized phase;
 * :mod:`.export` — compressed-tensors-style export of uniformly quantized modules.
+
+The packed storage lives with the other experts kinds, in :mod:`camera_pl.experts.quantized`.
 """
-
-from camera_pl.quant.allocation import LayerBits
-from camera_pl.quant.api import LayerReport, QuantReport, allocate, quantize
-from camera_pl.experts.quantized import QuantizedExperts
-from camera_pl.quant.quantizers import QuantizedRows, gptq, rtn
-
-__all__ = ["LayerBits", "LayerReport", "QuantReport", "QuantizedExperts", "QuantizedRows", "allocate", "gptq",
-           "quantize", "rtn"]

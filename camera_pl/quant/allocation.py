@@ -46,6 +46,7 @@ class LayerBits:
         gate, up: ``[E, I]`` bits of gate/up rows (``gate`` None for gate-less experts).
         down: ``[E, I]`` bits of down columns (``down_axis="in"``) or ``[E, H]`` of down rows (``"out"``).
         hidden_size: ``H``, the length of gate/up rows.
+        present: ``[E, I]`` micro-experts that exist (None: all); entries of pruned ones are ignored.
     """
 
     gate: torch.Tensor | None
@@ -53,6 +54,7 @@ class LayerBits:
     down: torch.Tensor
     down_axis: str
     hidden_size: int
+    present: torch.Tensor | None = None
 
     def rows(self) -> dict[str, tuple[torch.Tensor, int]]:
         """``{matrix: (bits [E, R], row length)}``."""
@@ -66,7 +68,9 @@ class LayerBits:
     def histogram(self) -> dict[int, float]:
         """Fraction of routed weights at each bit-width."""
         counts: dict[int, int] = {}
-        for bits, length in self.rows().values():
+        for m, (bits, length) in self.rows().items():
+            if self.present is not None and not (m == "down" and self.down_axis == "out"):
+                bits = bits[self.present.to(bits.device)]
             for b, n in zip(*torch.unique(bits, return_counts=True)):
                 counts[int(b)] = counts.get(int(b), 0) + int(n) * length
         total = sum(counts.values())
@@ -77,9 +81,13 @@ class LayerBits:
         return sum(b * f for b, f in self.histogram().items())
 
 
-def uniform_bits(bits: int, num_experts: int, inter: int, hidden: int, has_gate: bool) -> LayerBits:
-    """Every row at ``bits``; down stored by output rows (the standard layout, exportable)."""
+def uniform_bits(bits: int, num_experts: int, inter: int, hidden: int, has_gate: bool,
+                 present: torch.Tensor | None = None) -> LayerBits:
+    """Every row at ``bits``; down stored by output rows (the standard layout, exportable) unless
+    experts have unequal widths (``present`` given), where down columns are quantized instead."""
     rows = torch.full((num_experts, inter), int(check_bits(bits)))
+    if present is not None:
+        return LayerBits(rows.clone() if has_gate else None, rows.clone(), rows.clone(), "in", hidden, present)
     return LayerBits(rows.clone() if has_gate else None, rows.clone(), torch.full((num_experts, hidden), int(bits)),
                      "out", hidden)
 

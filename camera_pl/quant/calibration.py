@@ -54,7 +54,7 @@ def capture_layer_inputs(model: nn.Module, layer: MoELayer, dataloader: Iterable
         parts.append((hidden[keep].detach(), index[keep].detach(), weights[keep].detach()))
         raise _Captured
 
-    handle = layer.experts.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = layer.module.register_forward_pre_hook(hook, with_kwargs=True)
     tokens = 0
     try:
         with torch.no_grad():

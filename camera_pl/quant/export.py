@@ -43,9 +43,12 @@ class ExportError(ValueError):
 
 def _expert_tensors(experts: QuantizedExperts, prefix: str) -> tuple[dict[str, torch.Tensor], dict[int, list[str]]]:
     spec = experts.spec()
-    if getattr(experts, "has_bias", False):
+    if experts.layout.has_bias:
         raise ExportError(f"{prefix}: experts with biases (e.g. GPT-OSS) are not exported; "
                           "use camera_pl.serialization.save.")
+    if not experts.full_width:
+        raise ExportError(f"{prefix}: experts of unequal width (layer/global pruning) cannot be expressed as "
+                          "compressed-tensors linears; use camera_pl.save, or prune with allocation='expert'.")
     if spec["down_axis"] != "out":
         raise ExportError(f"{prefix}: down projections are quantized by micro-expert columns (CAMERA-Q), which "
                           "compressed-tensors cannot express; export models quantized with method='uniform', "
@@ -53,9 +56,11 @@ def _expert_tensors(experts: QuantizedExperts, prefix: str) -> tuple[dict[str, t
     tensors, targets = {}, {}
     for m, info in spec["matrices"].items():
         bit_map = getattr(experts, f"{m}_bits")
+        per_expert = experts.rows_per_expert(m)
         for e in range(experts.num_experts):
             name = f"{prefix}.{e}.{_PROJ[m]}"
-            bits = torch.unique(bit_map[e]).tolist()
+            first, rows = sum(per_expert[:e]), per_expert[e]
+            bits = torch.unique(bit_map[first:first + rows]).tolist()
             if len(bits) != 1:
                 raise ExportError(f"{name} mixes bit-widths {bits}; compressed-tensors needs one bit-width per module "
                                   "(quantize with method='uniform', 'pmq' or 'matrix').")
@@ -63,8 +68,7 @@ def _expert_tensors(experts: QuantizedExperts, prefix: str) -> tuple[dict[str, t
                 raise ExportError(f"{name} is 1-bit (sign x scale), which is no affine integer grid; quantize with "
                                   "bit_choices starting at 2.")
             b = bits[0]
-            start = int((bit_map[:e] == b).sum())
-            rows = info["rows"]
+            start = int((bit_map[:first] == b).sum())
             packed = getattr(experts, f"{m}_q{b}")[start:start + rows]
             packed = nn.functional.pad(packed, (0, (-packed.shape[1]) % 4)).contiguous().view(torch.int32)
             offset = 1 << (b - 1)
@@ -91,16 +95,16 @@ def export_compressed_tensors(model: nn.Module, path: str | Path) -> Path:
     replaced = set()
     group_size = None
     for layer in moe_layers(model):
-        if not isinstance(layer.experts, QuantizedExperts):
-            raise ExportError(f"MoE layer {layer.index} is not quantized; run camera_pl.quant.quantize(..., pack=True) "
+        if not isinstance(layer.module, QuantizedExperts):
+            raise ExportError(f"MoE layer {layer.index} is not quantized; run camera_pl.quantize(..., pack=True) "
                               "first.")
-        prefix = names[id(layer.experts)]
+        prefix = names[id(layer.module)]
         replaced.add(prefix)
-        layer_tensors, layer_targets = _expert_tensors(layer.experts, prefix)
+        layer_tensors, layer_targets = _expert_tensors(layer.module, prefix)
         tensors.update(layer_tensors)
         for b, t in layer_targets.items():
             targets.setdefault(b, []).extend(t)
-        sizes = {info["group_size"] for info in layer.experts.spec()["matrices"].values()}
+        sizes = {info["group_size"] for info in layer.module.spec()["matrices"].values()}
         if group_size is not None:
             sizes.add(group_size)
         if len(sizes) > 1:

@@ -16,28 +16,38 @@ from torch import nn
 from camera_pl.arch.adapters import MoELayer
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.calibration import LayerInputs
-from camera_pl.experts.quantized import expert_act
+from camera_pl.experts.base import ExpertWeights
 from camera_pl.quant.quantizers import QuantizedRows, gptq, rtn
+
+
+def _row_bits(bits: LayerBits, m: str, e: int, channels: torch.Tensor) -> torch.Tensor:
+    """Bits of expert ``e``'s stored rows of matrix ``m`` (kept micro-experts only)."""
+    per = getattr(bits, m)[e]
+    return per if m == "down" and bits.down_axis == "out" else per[channels.to(per.device)]
 
 
 def quantize_routed(layer: MoELayer, bits: LayerBits, quantizer: str, inputs: LayerInputs | None, group_size: int,
                     damp: float = 0.01, act_order: bool = False, min_tokens: int = 32
                     ) -> tuple[dict[str, list[QuantizedRows]], list[int]]:
-    """Quantized rows of every routed matrix (``{m: [per expert]}``) and the experts that used the fallback Hessian."""
-    gate, up, down = layer.stacked_weights()
-    rows = bits.rows()
-    out: dict[str, list[QuantizedRows]] = {m: [] for m in rows}
+    """Quantized rows of every routed matrix (``{m: [per expert]}``) and the experts that used the fallback Hessian.
+
+    Rows are expert ``e``'s kept micro-experts (gate/up rows, and down columns with
+    ``down_axis="in"``) or its down rows (``"out"``).
+    """
+    experts = layer.experts
+    out: dict[str, list[QuantizedRows]] = {m: [] for m in bits.rows()}
     fallback: list[int] = []
-    if quantizer == "rtn":
-        for e in range(layer.num_experts):
-            if gate is not None:
-                out["gate"].append(rtn(gate[e], bits.gate[e], group_size))
-            out["up"].append(rtn(up[e], bits.up[e], group_size))
-            out["down"].append(rtn(down[e].t() if bits.down_axis == "in" else down[e], bits.down[e], group_size))
-        return out, fallback
-    everything = inputs.hidden
-    all_tokens = everything.float().t() @ everything.float()
+    everything = None if inputs is None else inputs.hidden
+    all_tokens = None if everything is None else everything.float().t() @ everything.float()
     for e in range(layer.num_experts):
+        w, ch = experts.weights(e), experts.channels(e)
+        down_rows = w.down.t() if bits.down_axis == "in" else w.down
+        if quantizer == "rtn":
+            if w.gate is not None:
+                out["gate"].append(rtn(w.gate, _row_bits(bits, "gate", e, ch), group_size))
+            out["up"].append(rtn(w.up, _row_bits(bits, "up", e, ch), group_size))
+            out["down"].append(rtn(down_rows, _row_bits(bits, "down", e, ch), group_size))
+            continue
         tok, _ = inputs.routed(e)
         if tok.numel() >= min_tokens:
             x = everything[tok]
@@ -46,29 +56,28 @@ def quantize_routed(layer: MoELayer, bits: LayerBits, quantizer: str, inputs: La
             x, hessian = everything, all_tokens
             fallback.append(e)
         qg = None
-        if gate is not None:
-            qg = gptq(gate[e], hessian, bits.gate[e], group_size, damp=damp, act_order=act_order)
+        if w.gate is not None:
+            qg = gptq(w.gate, hessian, _row_bits(bits, "gate", e, ch), group_size, damp=damp, act_order=act_order)
             out["gate"].append(qg)
-        qu = gptq(up[e], hessian, bits.up[e], group_size, damp=damp, act_order=act_order)
+        qu = gptq(w.up, hessian, _row_bits(bits, "up", e, ch), group_size, damp=damp, act_order=act_order)
         out["up"].append(qu)
         with torch.no_grad():
-            a = expert_act(layer.experts, e, x, None if qg is None else qg.dequantize(x.dtype), qu.dequantize(x.dtype))
-        a = a.float()
-        out["down"].append(gptq(down[e], a.t() @ a, bits.down[e], group_size, axis=bits.down_axis, damp=damp,
-                                act_order=act_order))
+            q = ExpertWeights(None if qg is None else qg.dequantize(x.dtype), qu.dequantize(x.dtype), w.down,
+                              w.gate_bias, w.up_bias, w.down_bias)
+            a = experts.activation(e, x, q).float()
+        out["down"].append(gptq(w.down, a.t() @ a, _row_bits(bits, "down", e, ch), group_size, axis=bits.down_axis,
+                                damp=damp, act_order=act_order))
     return out, fallback
 
 
 def write_back(layer: MoELayer, matrices: dict[str, list[QuantizedRows]], down_axis: str) -> None:
-    """Fake quantization: overwrite the fused expert weights with their dequantized values."""
-    gate, up, down = layer.stacked_weights()
-    with torch.no_grad():
-        for e in range(layer.num_experts):
-            if gate is not None:
-                gate[e].copy_(matrices["gate"][e].dequantize(gate.dtype))
-            up[e].copy_(matrices["up"][e].dequantize(up.dtype))
-            d = matrices["down"][e].dequantize(down.dtype)
-            down[e].copy_(d.t() if down_axis == "in" else d)
+    """Fake quantization: overwrite the experts' weights with their dequantized values."""
+    experts = layer.experts
+    for e in range(layer.num_experts):
+        dtype = experts.weights(e).up.dtype
+        gate = matrices["gate"][e].dequantize(dtype) if "gate" in matrices else None
+        down = matrices["down"][e].dequantize(dtype)
+        experts.write(e, ExpertWeights(gate, matrices["up"][e].dequantize(dtype), down.t() if down_axis == "in" else down))
 
 
 def quantize_linear(linear: nn.Linear, bits: int, group_size: int, hessian: torch.Tensor | None = None,

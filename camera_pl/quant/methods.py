@@ -1,21 +1,110 @@
-"""Per-layer allocation methods: CAMERA-Q, matrix, channel, PMQ and uniform (see :mod:`.allocation`)."""
+"""Per-layer bit-allocation methods, a registry: CAMERA-Q, matrix, channel, PMQ and uniform (see :mod:`.allocation`).
+
+Each method is one registered function ``fn(ctx: AllocationContext) -> LayerBits``; a new
+method is one more :func:`register_bit_allocation`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from camera_pl.arch.adapters import MoELayer
+from camera_pl.experts.base import ExpertWeights
 from camera_pl.quant.allocation import LayerBits, pmq_bits, rank_groups, row_errors, solve_budget, uniform_bits
 from camera_pl.quant.calibration import LayerInputs
-from camera_pl.experts.quantized import run_expert
 from camera_pl.quant.quantizers import rtn
+
+if TYPE_CHECKING:
+    from camera_pl.quant.config import QuantizeConfig
+
+PMQ_CHOICES = (1, 2, 3)
+"""MC's bit choices for PMQ."""
+
+
+@dataclass
+class AllocationContext:
+    """What a bit-allocation method may read for one layer.
+
+    ``score`` is the CAMERA score ``[E, I]`` and ``energy`` the routed activation energy
+    ``[E, I]``; ``stats`` the layer's statistics; ``inputs`` its calibration inputs (for
+    methods registered with ``needs_inputs``).
+    """
+
+    layer: MoELayer
+    config: "QuantizeConfig"
+    score: torch.Tensor | None = None
+    energy: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] | None = None
+    inputs: LayerInputs | None = None
+
+
+@dataclass(frozen=True)
+class BitAllocation:
+    """A registered method: the function and what it needs."""
+
+    fn: Callable[[AllocationContext], LayerBits]
+    needs_stats: bool = True
+    needs_inputs: bool = False
+    equal_widths: bool = False
+    choices: tuple[int, ...] | None = None  # fixed bit choices (else the config's bit_choices)
+
+
+BIT_ALLOCATIONS: dict[str, BitAllocation] = {}
+
+
+def register_bit_allocation(name: str, *, needs_stats: bool = True, needs_inputs: bool = False,
+                            equal_widths: bool = False, choices: tuple[int, ...] | None = None
+                            ) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn(ctx) -> LayerBits`` as bit-allocation method ``name``.
+
+    ``equal_widths``: the method needs experts of equal width (it allocates per down output row).
+    """
+
+    def add(fn: Callable[[AllocationContext], LayerBits]) -> Callable[[AllocationContext], LayerBits]:
+        BIT_ALLOCATIONS[name] = BitAllocation(fn, needs_stats, needs_inputs, equal_widths, choices)
+        return fn
+
+    return add
+
+
+def present_channels(layer: MoELayer) -> torch.Tensor | None:
+    """``[E, I]`` mask of the micro-experts each expert still has (None when every expert has full width)."""
+    experts = layer.experts
+    if experts.full_width:
+        return None
+    mask = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
+    for e in range(layer.num_experts):
+        mask[e, experts.channels(e).cpu()] = True
+    return mask
+
+
+def stacked_weights(layer: MoELayer) -> ExpertWeights:
+    """All experts' weights ``[E, ...]`` in original micro-expert indices (zeros where pruned)."""
+    experts = layer.experts
+    if experts.full_width:
+        return experts.stacked()
+    num, inter, hidden = layer.num_experts, layer.intermediate_size, layer.hidden_size
+    w0 = experts.weights(0)
+    kw = dict(dtype=w0.up.dtype, device=w0.up.device)
+    out = ExpertWeights(None if w0.gate is None else torch.zeros(num, inter, hidden, **kw),
+                        torch.zeros(num, inter, hidden, **kw), torch.zeros(num, hidden, inter, **kw))
+    for e in range(num):
+        w, ch = experts.weights(e), experts.channels(e)
+        if out.gate is not None:
+            out.gate[e, ch] = w.gate
+        out.up[e, ch] = w.up
+        out.down[e][:, ch] = w.down
+    return out
 
 
 def _matrices(layer: MoELayer) -> dict[str, torch.Tensor]:
     """Routed weights as stacks of quantized rows: gate/up ``[E, I, H]``, down columns ``[E, I, H]``."""
-    gate, up, down = layer.stacked_weights()
-    out = {"up": up, "down": down.transpose(1, 2)}
-    return {"gate": gate, **out} if gate is not None else out
+    w = stacked_weights(layer)
+    out = {"up": w.up, "down": w.down.transpose(1, 2)}
+    return {"gate": w.gate, **out} if w.gate is not None else out
 
 
 def _relative_errors(layer: MoELayer, choices: tuple[int, ...], group_size: int,
@@ -32,34 +121,39 @@ def _relative_errors(layer: MoELayer, choices: tuple[int, ...], group_size: int,
 
 
 def _bits_for(layer: MoELayer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, axis: str = "in") -> LayerBits:
-    return LayerBits(gate if layer.has_gate else None, up, down, axis, layer.hidden_size)
+    return LayerBits(gate if layer.experts.layout.has_gate else None, up, down, axis, layer.hidden_size,
+                     present_channels(layer))
 
 
-def camera_allocation(layer: MoELayer, score: torch.Tensor, avg_bits: float | None,
-                      groups: tuple[tuple[int, float], ...] | None, choices: tuple[int, ...],
-                      group_size: int) -> LayerBits:
+@register_bit_allocation("camera")
+def camera_allocation(ctx: AllocationContext) -> LayerBits:
     """CAMERA-Q: one bit-width per micro-expert, by score-rank groups or under an ``avg_bits`` budget."""
+    layer, score, avg_bits = ctx.layer, ctx.score, ctx.config.avg_bits
+    groups, choices, group_size = ctx.config.rank_groups, ctx.config.bit_choices, ctx.config.group_size
     if avg_bits is None:
         bits = rank_groups(score.cpu(), groups)
     else:
         rel = sum(_relative_errors(layer, choices, group_size).values())
         cost = score.cpu().double()[..., None] * rel
-        bits = solve_budget(cost.reshape(-1, len(choices)), torch.ones(cost.shape[0] * cost.shape[1]), choices,
-                            avg_bits).reshape(score.shape)
+        present = present_channels(layer)
+        size = torch.ones(score.shape) if present is None else present.double()
+        bits = solve_budget(cost.reshape(-1, len(choices)), size.flatten(), choices, avg_bits).reshape(score.shape)
     return _bits_for(layer, bits.clone(), bits.clone(), bits.clone())
 
 
 def _down_row_costs(layer: MoELayer, energy: torch.Tensor, choices: tuple[int, ...], group_size: int) -> torch.Tensor:
     """Cost of each down output row ``h`` at each bit choice, ``Σ_j E[(g a_j)²]·ΔW[h, j]²``: ``[E, H, K]``."""
-    _, _, down = layer.stacked_weights()
+    down = stacked_weights(layer).down
     num_experts, hidden, inter = down.shape
     weight = energy.to(down.device)[:, None, :].expand(num_experts, hidden, inter).reshape(-1, inter)
     return row_errors(down.reshape(-1, inter), choices, group_size, weight).cpu().reshape(num_experts, hidden, -1)
 
 
-def matrix_allocation(layer: MoELayer, score: torch.Tensor, energy: torch.Tensor, avg_bits: float,
-                      choices: tuple[int, ...], group_size: int) -> LayerBits:
+@register_bit_allocation("matrix", equal_widths=True)
+def matrix_allocation(ctx: AllocationContext) -> LayerBits:
     """One bit-width per weight matrix of each expert (down in the standard per-output-row layout)."""
+    layer, score, energy, avg_bits = ctx.layer, ctx.score, ctx.energy, ctx.config.avg_bits
+    choices, group_size = ctx.config.bit_choices, ctx.config.group_size
     rel = _relative_errors(layer, choices, group_size, with_down=False)
     costs = {m: (score.cpu().double()[..., None] * r).sum(1) for m, r in rel.items()}
     costs["down"] = _down_row_costs(layer, energy, choices, group_size).sum(1)
@@ -72,9 +166,11 @@ def matrix_allocation(layer: MoELayer, score: torch.Tensor, energy: torch.Tensor
     return _bits_for(layer, per.get("gate"), per["up"], per["down"], axis="out")
 
 
-def channel_allocation(layer: MoELayer, score: torch.Tensor, energy: torch.Tensor, avg_bits: float,
-                       choices: tuple[int, ...], group_size: int) -> LayerBits:
+@register_bit_allocation("channel", equal_widths=True)
+def channel_allocation(ctx: AllocationContext) -> LayerBits:
     """Per output channel of each matrix: gate/up rows and down rows, allocated independently."""
+    layer, score, energy, avg_bits = ctx.layer, ctx.score, ctx.energy, ctx.config.avg_bits
+    choices, group_size = ctx.config.bit_choices, ctx.config.group_size
     rel = _relative_errors(layer, choices, group_size, with_down=False)
     parts = {m: score.cpu().double()[..., None] * r for m, r in rel.items()}
     parts["down"] = _down_row_costs(layer, energy, choices, group_size)
@@ -90,9 +186,13 @@ def channel_allocation(layer: MoELayer, score: torch.Tensor, energy: torch.Tenso
     return _bits_for(layer, per.get("gate"), per["up"], per["down"], axis="out")
 
 
-def pmq_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int, ...], group_size: int) -> torch.Tensor:
-    """MC's ``ε_ij = ‖Y − Y[e_i → RTN(e_i, j bits)]‖_F`` on calibration tokens: ``[E, K]``."""
-    gate, up, down = layer.stacked_weights()
+def pmq_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int, ...], group_size: int,
+               down_axis: str = "out") -> torch.Tensor:
+    """MC's ``ε_ij = ‖Y − Y[e_i → RTN(e_i, j bits)]‖_F`` on calibration tokens: ``[E, K]``.
+
+    The down projection is quantized along ``down_axis`` as it will be stored.
+    """
+    experts = layer.experts
     eps = torch.zeros(layer.num_experts, len(choices), dtype=torch.float64)
     with torch.no_grad():
         for e in range(layer.num_experts):
@@ -100,28 +200,38 @@ def pmq_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int, ...], g
             if tok.numel() == 0:
                 continue
             x, g = inputs.hidden[tok], inputs.weights[tok, slot, None].float()
-            y = run_expert(layer.experts, e, x, None if gate is None else gate[e], up[e], down[e]).float()
+            w = experts.weights(e, x.dtype)
+            y = experts.output(e, experts.activation(e, x, w), w).float()
             for k, b in enumerate(choices):
-                qg = None if gate is None else rtn(gate[e], b, group_size).dequantize(gate.dtype)
-                yq = run_expert(layer.experts, e, x, qg, rtn(up[e], b, group_size).dequantize(up.dtype),
-                                rtn(down[e], b, group_size).dequantize(down.dtype)).float()
+                q = ExpertWeights(None if w.gate is None else rtn(w.gate, b, group_size).dequantize(x.dtype),
+                                  rtn(w.up, b, group_size).dequantize(x.dtype),
+                                  rtn(w.down, b, group_size).dequantize(x.dtype) if down_axis == "out" else
+                                  rtn(w.down.t(), b, group_size).dequantize(x.dtype).t(),
+                                  w.gate_bias, w.up_bias, w.down_bias)
+                yq = experts.output(e, experts.activation(e, x, q), q).float()
                 eps[e, k] = torch.linalg.vector_norm(g * (y - yq)).double().cpu()
     return eps
 
 
-def pmq_allocation(layer: MoELayer, count: torch.Tensor, prob_sum: torch.Tensor, inputs: LayerInputs,
-                   avg_bits: float, choices: tuple[int, ...], group_size: int,
-                   exponents: tuple[float, float, float]) -> LayerBits:
+@register_bit_allocation("pmq", needs_inputs=True, choices=PMQ_CHOICES)
+def pmq_allocation(ctx: AllocationContext) -> LayerBits:
     """PMQ: expert bits from ``min Σ φ^α w^β ε^γ`` (φ frequency, w mean router probability, both summing to 1)."""
-    alpha, beta, gamma = exponents
+    layer, inputs, avg_bits, group_size = ctx.layer, ctx.inputs, ctx.config.avg_bits, ctx.config.group_size
+    count, prob_sum, choices = ctx.stats["count"], ctx.stats["prob_sum"], PMQ_CHOICES
+    alpha, beta, gamma = ctx.config.pmq_exponents
     phi = count.double().cpu() / count.double().sum().clamp_min(1e-30)
     w = prob_sum.double().cpu() / prob_sum.double().sum().clamp_min(1e-30)
-    eps = pmq_errors(layer, inputs, choices, group_size)
+    axis = "out" if layer.experts.full_width else "in"
+    eps = pmq_errors(layer, inputs, choices, group_size, axis)
     bits = pmq_bits(phi[:, None] ** alpha * w[:, None] ** beta * eps**gamma, choices, avg_bits)
     rows = bits[:, None].expand(layer.num_experts, layer.intermediate_size)
-    return _bits_for(layer, rows.clone(), rows.clone(), bits[:, None].expand(-1, layer.hidden_size).clone(), axis="out")
+    down = rows if axis == "in" else bits[:, None].expand(-1, layer.hidden_size)
+    return _bits_for(layer, rows.clone(), rows.clone(), down.clone(), axis=axis)
 
 
-def uniform_allocation(layer: MoELayer, bits: int) -> LayerBits:
-    """Every routed row at ``bits`` (down in the standard per-output-row layout)."""
-    return uniform_bits(bits, layer.num_experts, layer.intermediate_size, layer.hidden_size, layer.has_gate)
+@register_bit_allocation("uniform", needs_stats=False)
+def uniform_allocation(ctx: AllocationContext) -> LayerBits:
+    """Every routed row at ``avg_bits`` (down in the standard per-output-row layout)."""
+    layer = ctx.layer
+    return uniform_bits(int(ctx.config.avg_bits), layer.num_experts, layer.intermediate_size, layer.hidden_size,
+                        layer.experts.layout.has_gate, present_channels(layer))

@@ -37,15 +37,15 @@ def weight_norms(layer: MoELayer) -> dict[str, torch.Tensor]:
     Micro-experts already pruned away (ragged layers) have norm 0.
     """
     with torch.no_grad():
-        device = layer.down(0).device
+        experts = layer.experts
         shape = (layer.num_experts, layer.intermediate_size)
-        norms = {k: torch.zeros(shape, device=device) for k in ("down_norm_sq", "up_norm", "gate_norm")}
+        norms = {k: torch.zeros(shape, device=experts.device) for k in ("down_norm_sq", "up_norm", "gate_norm")}
         for e in range(layer.num_experts):
-            gate, up = layer.gate_up(e)
-            ch = layer.expert_channels(e)
-            norms["down_norm_sq"][e, ch] = layer.down(e).float().pow(2).sum(0)
-            norms["up_norm"][e, ch] = up.float().norm(dim=1)
-            norms["gate_norm"][e, ch] = gate.float().norm(dim=1) if gate is not None else 1.0
+            w = experts.weights(e)
+            ch = experts.channels(e)
+            norms["down_norm_sq"][e, ch] = w.down.float().pow(2).sum(0)
+            norms["up_norm"][e, ch] = w.up.float().norm(dim=1)
+            norms["gate_norm"][e, ch] = w.gate.float().norm(dim=1) if w.gate is not None else 1.0
         shared = layer.shared
         if shared is not None:
             norms["shared_down_norm_sq"] = shared.down_proj.weight.float().pow(2).sum(0)

@@ -185,7 +185,7 @@ def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> It
     try:
         for layer in layers:
             obs = LayerObserver(layer, acc, observation)
-            layer.experts._camera_observer = obs
+            layer.module._camera_observer = obs
             handles.append(layer.router.register_forward_hook(obs.on_router_output))
             if layer.shared is not None:
                 handles.append(layer.block.register_forward_pre_hook(obs.on_block_input))
@@ -195,5 +195,5 @@ def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> It
         for handle in handles:
             handle.remove()
         for layer in layers:
-            layer.experts.__dict__.pop("_camera_observer", None)
+            layer.module.__dict__.pop("_camera_observer", None)
         model.set_experts_implementation(previous)

@@ -8,11 +8,14 @@ experts (``[E]``). Higher means more important. Add a method with :func:`registe
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+
+from camera_pl.config import unknown_options
 
 if TYPE_CHECKING:
     from camera_pl.stats.container import MicroExpertStats
@@ -58,10 +61,21 @@ def _check_method(method: str) -> None:
         raise ValueError(f"Unknown score method {method!r}; choose one of {', '.join(score_methods())}.")
 
 
-def compute_scores(stats: "MicroExpertStats", method: str, model: nn.Module | None = None, **kwargs) -> dict[int, LayerScores]:
-    """Scores of every layer; with ``model``, weight norms are read from its current weights."""
+def score_options(method: str) -> list[str]:
+    """The keyword options a score method accepts (e.g. ``reduce_ratio`` for ``camera``)."""
     _check_method(method)
+    params = list(inspect.signature(_SCORES[method][1]).parameters)[1:]
+    return [name for name in params if name != "layer_index"]
+
+
+def compute_scores(stats: "MicroExpertStats", method: str, model: nn.Module | None = None, **kwargs) -> dict[int, LayerScores]:
+    """Scores of every layer; with ``model``, weight norms are read from its current weights.
+
+    ``kwargs`` are the method's options (:func:`score_options`); an unknown one raises.
+    """
+    unknown_options(f"score method {method!r}", kwargs, score_options(method))
     _, fn = _SCORES[method]
+    takes_index = "layer_index" in inspect.signature(fn).parameters
     layers = stats.layers
     if model is not None:
         from camera_pl.arch.adapters import moe_layers
@@ -69,12 +83,13 @@ def compute_scores(stats: "MicroExpertStats", method: str, model: nn.Module | No
 
         stats.check_compatible(model)
         layers = {layer.index: {**stats.layers[layer.index], **weight_norms(layer)} for layer in moe_layers(model)}
-    return {index: fn(entry, layer_index=index, **kwargs) for index, entry in layers.items()}
+    return {index: fn(entry, **kwargs, **({"layer_index": index} if takes_index else {}))
+            for index, entry in layers.items()}
 
 
 # ---- micro-expert level ------------------------------------------------------------------
 @register_score("camera", "micro")
-def camera_score(s: dict[str, torch.Tensor], reduce_ratio: float = 0.9, **_) -> LayerScores:
+def camera_score(s: dict[str, torch.Tensor], reduce_ratio: float = 0.9) -> LayerScores:
     """CAMERA energy: ‖W_down[:, j]‖² · ((1−r)·Σ_t (g a)² + r·max_t (g a)²)  (METHODS §1)."""
     if not 0.0 <= reduce_ratio <= 1.0:
         raise ValueError(f"reduce_ratio must lie in [0, 1], got {reduce_ratio}.")
@@ -87,7 +102,7 @@ def camera_score(s: dict[str, torch.Tensor], reduce_ratio: float = 0.9, **_) -> 
 
 
 @register_score("magnitude", "micro")
-def magnitude_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+def magnitude_score(s: dict[str, torch.Tensor]) -> LayerScores:
     """Weight magnitude ‖w_gate‖·‖w_up‖·‖w_down‖ per micro-expert (no data)."""
     routed = s["gate_norm"] * s["up_norm"] * s["down_norm_sq"].sqrt()
     shared = None
@@ -97,13 +112,13 @@ def magnitude_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
 
 
 @register_score("activation", "micro")
-def activation_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+def activation_score(s: dict[str, torch.Tensor]) -> LayerScores:
     """Activation energy Σ a² over the tokens each expert computed (no routing weight, no down norm)."""
     return LayerScores("micro", s["act_sq_sum"].clone(), s["shared_act_sq_sum"].clone() if "shared_down_norm_sq" in s else None)
 
 
 @register_score("random", "micro")
-def random_score(s: dict[str, torch.Tensor], seed: int = 0, layer_index: int = 0, **_) -> LayerScores:
+def random_score(s: dict[str, torch.Tensor], seed: int = 0, layer_index: int = 0) -> LayerScores:
     """Uniform random scores, reproducible from ``seed`` (and the layer index)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + layer_index)
     routed = torch.rand(s["sq_sum"].shape, generator=gen).to(s["sq_sum"].device)
@@ -115,18 +130,18 @@ def random_score(s: dict[str, torch.Tensor], seed: int = 0, layer_index: int = 0
 
 # ---- expert level ------------------------------------------------------------------------
 @register_score("frequency", "expert")
-def frequency_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+def frequency_score(s: dict[str, torch.Tensor]) -> LayerScores:
     """How many tokens selected each expert."""
     return LayerScores("expert", s["count"].clone())
 
 
 @register_score("reap", "expert")
-def reap_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+def reap_score(s: dict[str, torch.Tensor]) -> LayerScores:
     """REAP: mean over routed tokens of g_e(t)·‖f_e(t)‖₂ (0 for never-routed experts)."""
     return LayerScores("expert", s["weighted_out_norm_sum"] / s["count"].clamp_min(1))
 
 
 @register_score("ean", "expert")
-def ean_score(s: dict[str, torch.Tensor], **_) -> LayerScores:
+def ean_score(s: dict[str, torch.Tensor]) -> LayerScores:
     """EAN: Σ over routed tokens of ‖f_e(t)‖₂."""
     return LayerScores("expert", s["out_norm_sum"].clone())

@@ -117,11 +117,11 @@ def step_prune(ctx: RunContext, step) -> None:
 
 
 def step_recover(ctx: RunContext, step) -> None:
-    from camera_pl.lora import LoRASettings, recover
+    from camera_pl.lightning.finetune import recover
 
-    settings = LoRASettings(rank=step.rank, alpha=step.alpha, experts=step.experts)
-    ctx.model = recover(ctx.model, ctx.loader("train", step.steps), steps=step.steps, lr=step.lr, settings=settings,
-                        merge=step.merge, accelerator=ctx.recipe.accelerator, progress=True)
+    ctx.model = recover(ctx.model, ctx.loader("train", step.steps), steps=step.steps, lr=step.lr, rank=step.rank,
+                        alpha=step.alpha, experts=step.experts, merge=step.merge, accelerator=ctx.recipe.accelerator,
+                        progress=True)
     ctx.stats = None
 
 
@@ -151,7 +151,7 @@ def step_finetune(ctx: RunContext, step) -> None:
 
 
 def step_quantize(ctx: RunContext, step) -> None:
-    from camera_pl.quant import quantize
+    from camera_pl import quantize
 
     report = quantize(ctx.model, _stats_or_collect(ctx), method=step.method, avg_bits=step.avg_bits,
                       quantizer=step.quantizer, group_size=step.group_size,
@@ -199,8 +199,8 @@ def step_odp(ctx: RunContext, step) -> None:
 
 
 def step_compressed_experts(ctx: RunContext, step) -> None:
-    from camera_pl.experts.compressed import compress_experts
-    from camera_pl.lightning.module import finetune
+    from camera_pl.expert_compression import compress_experts
+    from camera_pl.lightning.finetune import finetune
 
     compress_experts(ctx.model, k_main=step.main_experts)
     ctx.model = finetune(ctx.model, ctx.loader("train", step.steps), step.steps, step.lr, ctx.recipe.accelerator,

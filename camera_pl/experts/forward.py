@@ -1,0 +1,119 @@
+"""camera_pl's experts forward: one implementation for every kind of experts, with observation.
+
+The (token, slot) pairs of a forward are sorted by expert and each hit expert runs once —
+through grouped GEMMs where the kind offers stacked weights
+(:meth:`~camera_pl.experts.base.Experts.grouped_weights`), else one matmul pair per hit
+expert. The micro-expert activations it computed are handed to an observer when one is
+attached (``module._camera_observer``), in original micro-expert indices, so statistics
+cost no second expert matmul and output with and without an observer is bit-identical
+(the observer only reads). Expert ids ``>= num_experts`` (expert-parallel sentinels, or
+slots switched off by dynamic pruning) are skipped. transformers' fused experts reach this
+forward through the experts implementation registered in :mod:`camera_pl.arch.forward`;
+camera_pl's own experts modules call it from their ``forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from camera_pl.experts.base import Experts
+
+
+class ExpertsObserver(Protocol):
+    """Receives what one experts forward computed, for all (token, slot) pairs sorted by expert."""
+
+    def observe(self, expert_ids: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor, acts: torch.Tensor,
+                out_norms: torch.Tensor, top_k_weights: torch.Tensor) -> None: ...
+
+
+@dataclass
+class SortedRouting:
+    """The routed (token, slot) pairs of one forward, sorted by expert, sentinels dropped."""
+
+    order: torch.Tensor  # positions in the flattened [T·k] slots
+    expert_ids: torch.Tensor
+    token_ids: torch.Tensor
+    weights: torch.Tensor
+    ends: list[int]  # cumulative row counts per expert
+
+    @classmethod
+    def of(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> "SortedRouting":
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        expert_ids = flat[order]
+        counts = torch.bincount(expert_ids.clamp(max=num_experts), minlength=num_experts + 1)
+        ends = counts.cumsum(0).tolist()  # the one host sync
+        valid = ends[num_experts - 1]
+        order = order[:valid]
+        return cls(order, expert_ids[:valid], order // top_k_index.shape[1], top_k_weights.reshape(-1)[order],
+                   ends[:num_experts])
+
+    def combine(self, out: torch.Tensor, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the per-slot outputs ``out [S, H]`` back to tokens, in transformers' order and dtype."""
+        num_tokens, top_k = top_k_weights.shape
+        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+        slots = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype)
+        slots[self.order] = out * self.weights[:, None]
+        return slots.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def to_original_channels(a: torch.Tensor, channels: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """Activations of kept micro-experts ``[S, W]`` scattered to original indices ``[S, I]`` (zeros elsewhere).
+
+    ``channels`` is ``[W]`` or per row ``[S, W]``; the index ``intermediate_size`` marks padding.
+    """
+    full = a.new_zeros(a.shape[0], intermediate_size + 1)
+    index = channels.expand(a.shape[0], -1) if channels.dim() == 1 else channels
+    return full.scatter_(1, index, a)[:, :-1]
+
+
+def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting,
+                       observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows."""
+    grouped = experts.grouped_weights(x)
+    if grouped is not None:
+        offsets = torch.tensor(routing.ends, dtype=torch.int32, device=x.device)
+        proj = nn.functional.grouped_mm(x, grouped.up, offs=offsets)
+        if grouped.up_bias is not None:
+            proj = proj + grouped.up_bias[routing.expert_ids]
+        a = experts.act_packed(proj)
+        out = nn.functional.grouped_mm(a, grouped.down, offs=offsets)
+        if grouped.down_bias is not None:
+            out = out + grouped.down_bias[routing.expert_ids]
+        if observed and grouped.channels is not None:
+            a = to_original_channels(a, grouped.channels[routing.expert_ids], experts.intermediate_size)
+        return (a if observed else None), out
+    acts, outs, start = [], [], 0
+    full = experts.full_width
+    for e, end in enumerate(routing.ends):
+        if end > start:
+            w = experts.weights(e, x.dtype)
+            a = experts.activation(e, x[start:end], w)
+            outs.append(experts.output(e, a, w))
+            if observed:
+                acts.append(a if full else to_original_channels(a, experts.channels(e), experts.intermediate_size))
+        start = end
+    if not outs:
+        return x.new_zeros(0, experts.intermediate_size), x.new_zeros(0, experts.hidden_size)
+    return (torch.cat(acts) if observed else None), torch.cat(outs)
+
+
+def experts_forward(experts: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts over (token, slot) pairs sorted by expert; reports to ``experts.module._camera_observer``.
+
+    Per-slot outputs are weighted and summed over the top-k slots in the same order and dtype
+    as transformers' implementations, so logits agree with them to float rounding of the
+    kernels (~1e-6 in fp32).
+    """
+    observer: ExpertsObserver | None = experts.module.__dict__.get("_camera_observer")
+    routing = SortedRouting.of(top_k_index, top_k_weights, experts.num_experts)
+    acts, out = sorted_activations(experts, hidden_states[routing.token_ids], routing, observer is not None)
+    if observer is not None:
+        norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
+        observer.observe(routing.expert_ids, routing.token_ids, routing.weights, acts, norms, top_k_weights)
+    return routing.combine(out, hidden_states, top_k_weights)
