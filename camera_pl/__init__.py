@@ -8,14 +8,15 @@ from camera_pl.arch.adapters import (
     register_adapter,
     supported_model_types,
 )
-from camera_pl.expert_compression import compress_experts
+from camera_pl.expert_compression import CompressedExpertsConfig, compress_experts
 from camera_pl.experts.compressed import CompressedExperts
-from camera_pl.odp import OdpHandle, apply_odp
+from camera_pl.odp import OdpConfig, OdpHandle, apply_odp
 from camera_pl.config import ConfigError
 from camera_pl.lora import LoRAConfig
 from camera_pl.pruning.api import PruneReport, prune
 from camera_pl.pruning.config import PruneConfig
 from camera_pl.quant.api import QuantReport, allocate, quantize
+from camera_pl.quant.config import QuantizeConfig
 from camera_pl.experts.kinds import register_experts_kind
 from camera_pl.serialization import CheckpointError, load, save
 from camera_pl.stats.scores import LayerScores, register_score, score_methods
@@ -25,6 +26,9 @@ __all__ = [
     "ArchitectureSpec",
     "CheckpointError",
     "CompressedExperts",
+    "CompressedExpertsConfig",
+    "OdpConfig",
+    "QuantizeConfig",
     "OdpHandle",
     "apply_odp",
     "compress_experts",

@@ -5,33 +5,53 @@ The module that does the work is :class:`camera_pl.experts.compressed.Compressed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from camera_pl.arch.adapters import moe_layers
+from camera_pl.config import Config
 from camera_pl.experts.compressed import CompressedExperts
 
 TRAINABLE = ("all", "vectors")
 
 
-def compress_experts(model: nn.Module, k_main: int | None = None, trainable: str = "all") -> list[CompressedExperts]:
-    """Replace every MoE layer's experts of ``model`` (in place) by :class:`CompressedExperts`.
+@dataclass(frozen=True)
+class CompressedExpertsConfig(Config):
+    """Options of compressed experts (see :func:`compress_experts`).
 
-    Args:
-        model: a transformers MoE causal LM, with experts of any kind (fused, pruned, quantized).
-        k_main: main experts per token; default ``top_k // 2`` (at least 1), the paper's ``k/2``.
+    Attributes:
+        k_main: main experts per token; None takes ``top_k // 2`` (at least 1), the paper's ``k/2``.
         trainable: ``"all"`` leaves every parameter's ``requires_grad`` as it is (the paper trains
             all parameters); ``"vectors"`` freezes everything except the θ vectors.
-
-    Returns:
-        The new modules, in layer order.
     """
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}.")
+
+    k_main: int | None = None
+    trainable: str = "all"
+
+    def check(self) -> None:
+        self._number("k_main", 1, integer=True, optional=True)
+        self._choice("trainable", TRAINABLE)
+
+
+def compress_experts(model: nn.Module, config: CompressedExpertsConfig | int | None = None,
+                     **options) -> list[CompressedExperts]:
+    """Replace every MoE layer's experts of ``model`` (in place) by :class:`CompressedExperts`.
+
+    ``config`` is a :class:`CompressedExpertsConfig` (or its ``k_main``); ``options`` are its
+    fields. The experts may be of any kind (fused, pruned, quantized). Returns the new modules,
+    in layer order.
+    """
+    if isinstance(config, int) and not isinstance(config, bool):
+        config, options = None, {"k_main": config, **options}
+    config = CompressedExpertsConfig.build(config, **options)
     top_k = getattr(model.config, "num_experts_per_tok", None)
     if top_k is None:
         raise ValueError(f"{type(model).__name__}'s config has no num_experts_per_tok; compressed experts need "
                          "top-k routing.")
-    k_main = max(1, top_k // 2) if k_main is None else k_main
+    k_main = max(1, top_k // 2) if config.k_main is None else config.k_main
+    if k_main > top_k:
+        raise ValueError(f"k_main={k_main} exceeds the model's top_k={top_k}; choose k_main in [1, {top_k}].")
     layers = moe_layers(model)
     if any(isinstance(layer.module, CompressedExperts) for layer in layers):
         raise ValueError("This model's experts are already compressed.")
@@ -40,7 +60,7 @@ def compress_experts(model: nn.Module, k_main: int | None = None, trainable: str
         module = CompressedExperts(layer.module, top_k, k_main)
         layer.replace_experts(module)
         new.append(module)
-    if trainable == "vectors":
+    if config.trainable == "vectors":
         model.requires_grad_(False)
         for module in new:
             for theta in module.vectors():

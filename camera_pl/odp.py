@@ -22,34 +22,29 @@ experts; decode steps (one new token) use the weight rule only. ``t_j`` is the M
 input (the token the router sees); ``A`` is the layer's own attention, averaged over heads;
 the mean runs over the queries allowed to attend to ``j`` (``L − j`` of them under a causal
 mask, fewer under a sliding window), padding queries excluded. ``A`` is never materialised
-whole: while ODP protects, the model's attention runs through the ``"camera_pl_odp"``
-implementation, which receives the layer's exact query/key states (after RoPE, q/k norms,
-MLA projections) and accumulates the column sums of the attention probabilities in query
-chunks of bounded size (``chunk_elements`` scores at a time), then delegates the attention
-output to the model's eager implementation (when the model ran eager, e.g. GPT-OSS with
-attention sinks) or to SDPA with the same explicit mask.
+whole: while ODP protects, an attention tap (:mod:`camera_pl.arch.attention`) hands each
+layer's exact query/key states to :func:`attention_received`, which accumulates the column
+sums of the attention probabilities in query chunks of bounded size (``chunk_elements``
+scores at a time).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from camera_pl.arch.adapters import MoELayer, moe_layers
-from camera_pl.arch.forward import IMPLEMENTATION as CAMERA_EXPERTS
+from camera_pl.arch.attention import AttentionTaps, tap_attention
+from camera_pl.arch.forward import use_camera_experts
+from camera_pl.config import Config
 
 if TYPE_CHECKING:
     from camera_pl.stats.container import MicroExpertStats
 
-ATTENTION = "camera_pl_odp"
 CHUNK_ELEMENTS = 1 << 22
 """Attention scores held at once while accumulating the attention each token receives."""
 
@@ -119,31 +114,6 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask: t
     return received, valid
 
 
-@dataclass
-class _AttentionTap:
-    """Per attention module: where its output comes from, and the MoE rule that wants its column sums."""
-
-    delegate: Callable
-    rule: "_LayerRule | None"
-
-
-def _odp_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention implementation used while ODP protects tokens: taps column sums, then delegates."""
-    tap: _AttentionTap | None = getattr(module, "_camera_odp", None)
-    if tap is None:
-        raise RuntimeError(f"{type(module).__name__} runs attention implementation {ATTENTION!r} without camera_pl ODP "
-                           "installed; use camera_pl.dynamic.apply_odp(model, ...) rather than setting it by hand.")
-    if tap.rule is not None and query.shape[2] > 1:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        tap.rule.pending = attention_received(query, key, attention_mask, scaling, kwargs.get("s_aux"))
-    return tap.delegate(module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(ATTENTION, _odp_attention)
-AttentionMaskInterface.register(ATTENTION, eager_mask)
-
-
 # ---- the per-layer routing rule ---------------------------------------------------------------
 @dataclass
 class LayerUsage:
@@ -176,6 +146,12 @@ class _LayerRule:
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.params = layer.experts.parameter_counts()
         self.totals: torch.Tensor | None = None  # tokens, slots, skipped, protected, full/active params
+
+    def on_attention(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                     sinks: torch.Tensor | None) -> None:
+        """Attention tap of this layer: at prefill, the attention each token receives (for protection)."""
+        if query.shape[2] > 1:
+            self.pending = attention_received(query, key, attention_mask, scaling, sinks)
 
     @torch.no_grad()
     def _protected(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -233,14 +209,14 @@ class _LayerRule:
 class OdpHandle:
     """ODP installed on a model: measures what it skipped; :meth:`remove` restores the model."""
 
-    def __init__(self, model: nn.Module, rules: list[_LayerRule], hooks: list, taps: list[nn.Module],
-                 experts_implementation: str, attn_implementation: str | None):
+    def __init__(self, model: nn.Module, config: "OdpConfig", rules: list[_LayerRule], hooks: list,
+                 taps: AttentionTaps | None, restore_experts: Callable[[], None]):
         self.model = model
+        self.config = config
         self.rules = rules
         self._hooks = hooks
         self._taps = taps
-        self._experts_implementation = experts_implementation
-        self._attn_implementation = attn_implementation
+        self._restore_experts = restore_experts
 
     @property
     def thresholds(self) -> dict[int, float]:
@@ -277,17 +253,19 @@ class OdpHandle:
             return
         for hook in self._hooks:
             hook.remove()
-        for module in self._taps:
-            del module._camera_odp
-        if self._attn_implementation is not None:
-            self.model.set_attn_implementation(self._attn_implementation)
-        self.model.set_experts_implementation(self._experts_implementation)
+        if self._taps is not None:
+            self._taps.remove()
+        self._restore_experts()
         del self.model._camera_odp_handle
 
 
 def _thresholds(layers: list[MoELayer], stats: MicroExpertStats | None,
                 thresholds: float | Mapping[int, float] | None) -> dict[int, float]:
     given = thresholds if isinstance(thresholds, Mapping) else {}
+    unknown = sorted(set(given) - {layer.index for layer in layers})
+    if unknown:
+        raise ValueError(f"thresholds name MoE layers {unknown}, which this model does not have; its MoE layers are "
+                         f"{[layer.index for layer in layers]}.")
     out = {}
     for layer in layers:
         if isinstance(thresholds, (int, float)):
@@ -309,57 +287,59 @@ def _thresholds(layers: list[MoELayer], stats: MicroExpertStats | None,
     return out
 
 
-def _attention_delegate(module: nn.Module, implementation: str | None) -> Callable:
-    """The modelling file's own eager attention where the model ran eager (e.g. GPT-OSS sinks), else SDPA."""
-    if implementation != "eager":
-        return sdpa_attention_forward
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if eager is None:
-        raise TypeError(f"{type(module).__name__} runs eager attention but its module defines no "
-                        "eager_attention_forward; ODP token protection cannot reproduce it. Pass protect_ratio=0 "
-                        "(weight rule only).")
-    return eager
+@dataclass(frozen=True)
+class OdpConfig(Config):
+    """Options of ODP (see :func:`apply_odp`).
 
-
-def apply_odp(model: nn.Module, stats: MicroExpertStats | None, protect_ratio: float = 0.02,
-              thresholds: float | Mapping[int, float] | None = None) -> OdpHandle:
-    """Install ODP on every MoE layer of ``model`` (in place); see the module docstring.
-
-    Args:
-        model: a transformers MoE causal LM (fused, pruned/ragged or quantized experts).
-        stats: calibration statistics of this model; each layer's threshold defaults to
-            ``stats.ratio_median(layer)``. May be None when ``thresholds`` covers every layer.
+    Attributes:
         protect_ratio: fraction of each sequence's tokens (rounded down) kept whole at prefill;
             0 turns protection off (weight rule only, attention untouched).
-        thresholds: one μ for all layers, or ``{layer_index: μ}`` overriding the statistics.
+        thresholds: one μ for all layers, or ``{layer_index: μ}`` overriding the statistics;
+            None takes each layer's calibration median of ``w1/w0``.
+    """
+
+    protect_ratio: float = 0.02
+    thresholds: float | dict[int, float] | None = None
+
+    def check(self) -> None:
+        self._number("protect_ratio", 0.0, 1.0)
+        t = self.thresholds
+        if isinstance(t, dict):
+            for layer, mu in t.items():
+                if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu <= 1.0:
+                    self._fail("thresholds", f"the threshold of layer {layer} must be a ratio w_i/w_0 in [0, 1].")
+        elif t is not None:
+            self._number("thresholds", 0.0, 1.0)
+
+
+def apply_odp(model: nn.Module, stats: MicroExpertStats | None = None, config: OdpConfig | float | None = None,
+              **options) -> OdpHandle:
+    """Install ODP on every MoE layer of ``model`` (in place); see the module docstring and :class:`OdpConfig`.
+
+    Args:
+        model: a transformers MoE causal LM (experts of any kind: fused, pruned, quantized, compressed).
+        stats: calibration statistics of this model; each layer's threshold defaults to
+            ``stats.ratio_median(layer)``. May be None when ``thresholds`` covers every layer.
+        config: an :class:`OdpConfig` (or its ``protect_ratio``); ``options`` are its fields.
 
     Returns:
         An :class:`OdpHandle`; ``handle.remove()`` restores the model.
     """
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        config, options = None, {"protect_ratio": float(config), **options}
+    config = OdpConfig.build(config, **options)
     if hasattr(model, "_camera_odp_handle"):
         raise RuntimeError("ODP is already installed on this model; call handle.remove() before installing it again.")
-    if not 0.0 <= protect_ratio <= 1.0:
-        raise ValueError(f"protect_ratio is a fraction of tokens and must lie in [0, 1], got {protect_ratio}.")
     layers = moe_layers(model)
-    mus = _thresholds(layers, stats, thresholds)
-    rules = [_LayerRule(layer, mus[layer.index], protect_ratio) for layer in layers]
-    taps: list[nn.Module] = []
-    attn = None
-    if protect_ratio > 0:
-        attn = model.config._attn_implementation
-        by_index = {rule.layer.index: rule for rule in rules}
-        attention = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")]
-        found = {m: _AttentionTap(_attention_delegate(m, attn), by_index.get(m.layer_idx)) for m in attention}
-        if not any(tap.rule is not None for tap in found.values()):
-            raise ValueError(f"{type(model).__name__} has no '*.self_attn' module with a layer_idx next to its MoE "
-                             "layers, so ODP cannot protect tokens; pass protect_ratio=0 (weight rule only).")
-        for module, tap in found.items():
-            module._camera_odp = tap
-        taps = list(found)
-        model.set_attn_implementation(ATTENTION)
-    experts_implementation = model.config._experts_implementation
-    model.set_experts_implementation(CAMERA_EXPERTS)
+    if stats is not None:
+        stats.check_compatible(model)
+    mus = _thresholds(layers, stats, config.thresholds)
+    rules = [_LayerRule(layer, mus[layer.index], config.protect_ratio) for layer in layers]
+    taps = None
+    if config.protect_ratio > 0:
+        taps = tap_attention(model, {rule.layer.index: rule.on_attention for rule in rules})
+    restore_experts = use_camera_experts(model)
     hooks = [rule.layer.router.register_forward_hook(rule) for rule in rules]
-    handle = OdpHandle(model, rules, hooks, taps, experts_implementation, attn)
+    handle = OdpHandle(model, config, rules, hooks, taps, restore_experts)
     model._camera_odp_handle = handle
     return handle

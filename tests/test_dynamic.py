@@ -222,8 +222,14 @@ def test_bad_inputs():
     model = tiny_moe("qwen3_moe")
     with pytest.raises(ValueError, match="No ODP threshold"):
         apply_odp(model, None)
-    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"thresholds=1.5: must lie in \[0.0, 1.0\]"):
         apply_odp(model, None, thresholds=1.5)
+    with pytest.raises(ValueError, match="expected a number"):
+        apply_odp(model, None, thresholds=True)
+    with pytest.raises(ValueError, match=r"MoE layers \[7\]"):
+        apply_odp(model, None, thresholds={7: 0.5})
+    with pytest.raises(ValueError, match="Did you mean 'protect_ratio'"):
+        apply_odp(model, None, protect_ration=0.1)
     with pytest.raises(ValueError, match="protect_ratio"):
         apply_odp(model, None, protect_ratio=2.0, thresholds=0.5)
     handle = apply_odp(model, None, thresholds={0: 0.5, 1: 0.2})

@@ -247,6 +247,18 @@ def _is_moe_block(block: nn.Module | None, spec: ArchitectureSpec) -> bool:
     return is_experts(getattr(block, spec.experts, None))
 
 
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """The self-attention module of every decoder layer (``ArchitectureSpec.attention``), by layer index."""
+    spec = architecture_spec(model)
+    found = {i: getattr(layer, spec.attention, None) for i, layer in enumerate(_decoder_layers(model))}
+    return {i: module for i, module in found.items() if isinstance(module, nn.Module)}
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a causal LM, in depth order."""
+    return list(_decoder_layers(model))
+
+
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """All MoE layers of ``model`` (dense layers of mixed models are skipped), in depth order."""
     spec = architecture_spec(model)

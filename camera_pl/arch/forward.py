@@ -9,6 +9,8 @@ honours the layout flags and the module's own ``_apply_gate`` and feeds observer
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -26,3 +28,10 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: to
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _fused_forward)
+
+
+def use_camera_experts(model: nn.Module) -> Callable[[], None]:
+    """Switch ``model``'s fused experts to camera_pl's implementation; returns a function restoring the previous one."""
+    previous = model.config._experts_implementation
+    model.set_experts_implementation(IMPLEMENTATION)
+    return lambda: model.set_experts_implementation(previous)

@@ -67,6 +67,15 @@ class ExpertsLayout:
         dim = dim % gate.dim()
         return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
 
+    # ---- gating ---------------------------------------------------------------------------------
+    def activate(self, template: nn.Module, proj: torch.Tensor) -> torch.Tensor:
+        """Micro-expert activations from a packed gate/up projection, by the module's own gating.
+
+        ``template`` is the experts module (or its weightless copy) whose ``_apply_gate`` (gated
+        experts, e.g. GPT-OSS's clamped SwiGLU) or ``act_fn`` (gate-less experts) defines them.
+        """
+        return template._apply_gate(proj) if self.has_gate else template.act_fn(proj)
+
     # ---- orientation ------------------------------------------------------------------------
     def as_linear(self, stored: torch.Tensor) -> torch.Tensor:
         """A stored ``[..., a, b]`` weight in ``nn.Linear`` orientation ``[..., out, in]`` (a view)."""

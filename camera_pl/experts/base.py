@@ -82,7 +82,7 @@ class Experts:
 
     @property
     def template(self) -> nn.Module:
-        """The module whose gating (``_apply_gate``/``act_fn``) and constants define the activation."""
+        """The module whose gating and constants define the activation (see :meth:`ExpertsLayout.activate`)."""
         raise NotImplementedError
 
     def widths(self) -> torch.Tensor:
@@ -139,13 +139,11 @@ class Experts:
     # ---- the experts' math ------------------------------------------------------------------------
     def act(self, gate_out: torch.Tensor | None, up_out: torch.Tensor) -> torch.Tensor:
         """Micro-expert activations from the gate and up projections (the module's own gating)."""
-        if gate_out is None:
-            return self.template.act_fn(up_out)
-        return self.template._apply_gate(self.layout.pack(gate_out, up_out, -1))
+        return self.layout.activate(self.template, self.layout.pack(gate_out, up_out, -1))
 
     def act_packed(self, proj: torch.Tensor) -> torch.Tensor:
         """Activations from a packed gate/up projection in this layout (grouped GEMM output)."""
-        return self.template._apply_gate(proj) if self.layout.has_gate else self.template.act_fn(proj)
+        return self.layout.activate(self.template, proj)
 
     def activation(self, e: int, x: torch.Tensor, w: ExpertWeights | None = None,
                    up_input: torch.Tensor | None = None) -> torch.Tensor:

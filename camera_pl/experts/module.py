@@ -13,7 +13,7 @@ class CameraExperts(nn.Module, Experts):
     """Base of camera_pl's own experts modules (ragged, quantized, compressed).
 
     Keeps the module it replaced as a weightless ``template`` (not a submodule, so it has no
-    state): the activation uses the template's own ``_apply_gate``/``act_fn`` and constants
+    state): the activation uses the template's own gating function and constants
     (e.g. GPT-OSS's clamped SwiGLU), so semantics match transformers for any layout. A
     post-expert norm, which has weights, is kept as a real submodule. The forward is
     camera_pl's experts forward, the same for every kind, with observation.

@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
 from camera_pl.stats.scores import LayerScores
 
-if TYPE_CHECKING:
-    from camera_pl.pruning.config import PruneConfig
+
+class AllocationOptions(Protocol):
+    """The options allocations read (a :class:`~camera_pl.pruning.config.PruneConfig`)."""
+
+    ratio: float
+    allow_expert_removal: bool
+    max_layer_ratio: float
+    width_multiple: int
+
 
 Keep = tuple[torch.Tensor, torch.Tensor | None]
-AllocationFn = Callable[[dict[int, LayerScores], dict[int, torch.Tensor], "PruneConfig"], dict[int, Keep]]
+AllocationFn = Callable[[dict[int, LayerScores], dict[int, torch.Tensor], AllocationOptions], dict[int, Keep]]
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ def _layer_keep(index: int, scores: LayerScores, present: torch.Tensor, ratio: f
 
 @register_prune_allocation("layer")
 def layer_allocation(all_scores: dict[int, LayerScores], presents: dict[int, torch.Tensor],
-                     config: PruneConfig) -> dict[int, Keep]:
+                     config: AllocationOptions) -> dict[int, Keep]:
     """CAMERA-P's allocation: per layer, one ranking of routed + shared micro-experts; widths become unequal.
 
     Every expert keeps at least one micro-expert (unless ``allow_expert_removal``).
@@ -115,7 +122,7 @@ def _expert_width_keep(scores: LayerScores, present: torch.Tensor, ratio: float,
 
 @register_prune_allocation("expert", fused=True)
 def expert_allocation(all_scores: dict[int, LayerScores], presents: dict[int, torch.Tensor],
-                      config: PruneConfig) -> dict[int, Keep]:
+                      config: AllocationOptions) -> dict[int, Keep]:
     """The same fraction from every expert (each picks its own micro-experts): the fused layout survives.
 
     The kept width is rounded up to a multiple of ``width_multiple`` (grouped GEMMs need
@@ -126,7 +133,7 @@ def expert_allocation(all_scores: dict[int, LayerScores], presents: dict[int, to
 
 @register_prune_allocation("global", cross_layer=True)
 def global_allocation(all_scores: dict[int, LayerScores], presents: dict[int, torch.Tensor],
-                      config: PruneConfig) -> dict[int, Keep]:
+                      config: AllocationOptions) -> dict[int, Keep]:
     """One ranking of every micro-expert of every layer; a layer loses at most ``max_layer_ratio``."""
     ratio, max_layer_ratio = config.ratio, config.max_layer_ratio
     flats, owners = [], []

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from camera_pl.arch.adapters import moe_layers
+from camera_pl.arch.adapters import decoder_layers, moe_layers
 from camera_pl.experts.quantized import QuantizedExperts
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.calibration import capture_layer_inputs
@@ -251,8 +251,8 @@ def _quantize_layer(layer, bits: LayerBits, config: QuantizeConfig, inputs) -> L
 def _quantize_other(model: nn.Module, layers, bits: int, group_size: int) -> None:
     """RTN fake-quantization of decoder linears outside MoE blocks (attention, dense MLPs)."""
     blocks = {id(layer.block) for layer in layers}
-    skip = {name for name, m in model.named_modules() if id(m) in blocks}
-    for name, module in model.named_modules():
-        inside_moe = any(name.startswith(prefix + ".") for prefix in skip)
-        if isinstance(module, nn.Linear) and ".layers." in f".{name}" and not inside_moe:
-            quantize_linear(module, bits, group_size)
+    inside_moe = {id(m) for layer in layers for m in layer.block.modules()}
+    for decoder_layer in decoder_layers(model):
+        for module in decoder_layer.modules():
+            if isinstance(module, nn.Linear) and id(module) not in inside_moe and id(module) not in blocks:
+                quantize_linear(module, bits, group_size)

@@ -7,7 +7,7 @@ method is one more :func:`register_bit_allocation`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -17,11 +17,18 @@ from camera_pl.quant.allocation import LayerBits, pmq_bits, rank_groups, row_err
 from camera_pl.quant.calibration import LayerInputs
 from camera_pl.quant.quantizers import rtn
 
-if TYPE_CHECKING:
-    from camera_pl.quant.config import QuantizeConfig
-
 PMQ_CHOICES = (1, 2, 3)
 """MC's bit choices for PMQ."""
+
+
+class BitOptions(Protocol):
+    """The options bit allocations read (a :class:`~camera_pl.quant.config.QuantizeConfig`)."""
+
+    avg_bits: float | None
+    rank_groups: tuple[tuple[int, float], ...] | None
+    bit_choices: tuple[int, ...]
+    group_size: int
+    pmq_exponents: tuple[float, float, float]
 
 
 @dataclass
@@ -34,7 +41,7 @@ class AllocationContext:
     """
 
     layer: MoELayer
-    config: "QuantizeConfig"
+    config: BitOptions
     score: torch.Tensor | None = None
     energy: torch.Tensor | None = None
     stats: dict[str, torch.Tensor] | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,9 +20,8 @@ from torch import nn
 
 from camera_pl.arch.adapters import MoELayer, model_signature, moe_layers
 from camera_pl.stats.observation import RATIO_BINS, STATE_LAYOUT, StatsAccumulator, observe
+from camera_pl.stats.scores import LayerScores, compute_scores
 
-if TYPE_CHECKING:
-    from camera_pl.stats.scores import LayerScores
 
 FORMAT_VERSION = 1
 
@@ -101,11 +100,16 @@ class MicroExpertStats:
             "Collect statistics on this model with camera_pl.collect_stats(model, dataloader)."
         )
 
-    def scores(self, method: str = "camera", **kwargs) -> dict[int, "LayerScores"]:
-        """Per-layer scores by a registered method (see :mod:`camera_pl.stats.scores`)."""
-        from camera_pl.stats.scores import compute_scores
+    def scores(self, method: str = "camera", model: nn.Module | None = None, **kwargs) -> dict[int, LayerScores]:
+        """Per-layer scores by a registered method (see :mod:`camera_pl.stats.scores`).
 
-        return compute_scores(self, method, **kwargs)
+        With ``model``, weight norms are read from its current weights instead of the snapshot.
+        """
+        layers = self.layers
+        if model is not None:
+            self.check_compatible(model)
+            layers = {layer.index: {**self.layers[layer.index], **weight_norms(layer)} for layer in moe_layers(model)}
+        return compute_scores(layers, method, **kwargs)
 
     def ratio_median(self, layer: int) -> float:
         """Median of the top-2/top-1 routing-weight ratio w1/w0 in ``layer`` (for MC's ODP threshold)."""

@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from camera_pl.arch.adapters import MoELayer, moe_layers
-from camera_pl.arch.forward import IMPLEMENTATION
+from camera_pl.arch.forward import use_camera_experts
 
 RATIO_BINS = 1000
 """Histogram bins of the top-2/top-1 routing-weight ratio on [0, 1] (median resolution 1e-3)."""
@@ -179,9 +179,8 @@ def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> It
     device = next(model.parameters()).device
     acc = (accumulator or StatsAccumulator(layers)).to(device)
     observation = Observation(model, layers, acc)
-    previous = model.config._experts_implementation
     handles = []
-    model.set_experts_implementation(IMPLEMENTATION)
+    restore = use_camera_experts(model)
     try:
         for layer in layers:
             obs = LayerObserver(layer, acc, observation)
@@ -196,4 +195,4 @@ def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> It
             handle.remove()
         for layer in layers:
             layer.module.__dict__.pop("_camera_observer", None)
-        model.set_experts_implementation(previous)
+        restore()

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
-from torch import nn
 
 from camera_pl.config import unknown_options
-
-if TYPE_CHECKING:
-    from camera_pl.stats.container import MicroExpertStats
 
 
 @dataclass
@@ -68,21 +64,14 @@ def score_options(method: str) -> list[str]:
     return [name for name in params if name != "layer_index"]
 
 
-def compute_scores(stats: "MicroExpertStats", method: str, model: nn.Module | None = None, **kwargs) -> dict[int, LayerScores]:
-    """Scores of every layer; with ``model``, weight norms are read from its current weights.
+def compute_scores(layers: dict[int, dict[str, torch.Tensor]], method: str, **kwargs) -> dict[int, LayerScores]:
+    """Scores of every layer from its statistics (``{layer: {name: tensor}}``, weight norms included).
 
     ``kwargs`` are the method's options (:func:`score_options`); an unknown one raises.
     """
     unknown_options(f"score method {method!r}", kwargs, score_options(method))
     _, fn = _SCORES[method]
     takes_index = "layer_index" in inspect.signature(fn).parameters
-    layers = stats.layers
-    if model is not None:
-        from camera_pl.arch.adapters import moe_layers
-        from camera_pl.stats.container import weight_norms
-
-        stats.check_compatible(model)
-        layers = {layer.index: {**stats.layers[layer.index], **weight_norms(layer)} for layer in moe_layers(model)}
     return {index: fn(entry, **kwargs, **({"layer_index": index} if takes_index else {}))
             for index, entry in layers.items()}
 
