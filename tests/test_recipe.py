@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from camera_pl.workflows.recipe import PruneStep, RecipeError, load_recipe
+from camera_pl.workflows.recipe import STEP_TYPES, PruneStep, RecipeError, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -40,4 +40,22 @@ def test_errors_name_key_and_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_steps_declare_what_they_do(tmp_path):
+    import dataclasses
+
+    for kind, cls in STEP_TYPES.items():
+        flags = {name: getattr(cls, name) for name in ("changes_model", "checkpoint", "installs_hooks")}
+        assert all(isinstance(v, bool) for v in flags.values()) and set(flags) & set(vars(cls)) == set(flags), kind
+        assert not flags.keys() & {f.name for f in dataclasses.fields(cls)}, kind  # not recipe options
+        assert not flags["changes_model"] or flags["checkpoint"], f"{kind}: a model change needs a checkpoint"
+        assert not (flags["changes_model"] and flags["installs_hooks"]), f"{kind}: a replay would change the model twice"
+    assert {k for k, c in STEP_TYPES.items() if c.changes_model} == {"prune", "recover", "finetune", "quantize",
+                                                                     "compressed_experts"}
+    assert {k for k, c in STEP_TYPES.items() if c.installs_hooks} == {"odp"}
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nsteps:\n  - odp: {installs_hooks: false}\n")
+    with pytest.raises(RecipeError, match="bad.yaml:3: unknown key 'installs_hooks' in 'odp'"):
         load_recipe(path)

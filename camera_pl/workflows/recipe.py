@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -51,14 +51,44 @@ class DataSpec:
     train_batches: int | None = None
 
 
+class StepSpec:
+    """Options of one recipe step; each subclass also declares what the step does to the run.
+
+    The runner reads these class attributes (they are not options: they never appear in a
+    recipe, ``to_dict`` or ``dataclasses.fields``):
+
+    * ``changes_model``: the step changes the model's weights or structure. Statistics
+      collected before it no longer describe the model, so the runner drops them after it.
+    * ``checkpoint``: the runner writes a checkpoint (model and tokenizer) to
+      ``checkpoints/after_step<N>`` after the step; a resumed run starts from the last one.
+      Every model-changing step needs one, or a resumed run could not reproduce its change.
+    * ``installs_hooks``: the step changes the model's behaviour through state that saved
+      weights do not hold (forward hooks, attention/experts implementations), e.g. ``odp``.
+      A resumed run replays such steps on the reloaded model, with the statistics they used.
+      Such a step must not also change the model (a replay would apply the change twice).
+    """
+
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
+
 @dataclass
-class StatsStep:
+class StatsStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     max_tokens: int | None = 20000
     reduce_ratio: float = 0.9
 
 
 @dataclass
-class PruneStep:
+class PruneStep(StepSpec):
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
+
     ratio: float = 0.4
     method: str = "camera"
     allocation: str = "layer"
@@ -67,7 +97,11 @@ class PruneStep:
 
 
 @dataclass
-class RecoverStep:
+class RecoverStep(StepSpec):
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
+
     steps: int = 100
     lr: float = 1e-3
     rank: int = 8
@@ -77,7 +111,11 @@ class RecoverStep:
 
 
 @dataclass
-class FinetuneStep:
+class FinetuneStep(StepSpec):
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
+
     epochs: int = 3
     steps_per_epoch: int = 50
     lr: float = 1e-4
@@ -87,7 +125,11 @@ class FinetuneStep:
 
 
 @dataclass
-class QuantizeStep:
+class QuantizeStep(StepSpec):
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
+
     method: str = "camera"
     avg_bits: float | None = None
     quantizer: str = "rtn"
@@ -95,7 +137,11 @@ class QuantizeStep:
 
 
 @dataclass
-class EvaluateStep:
+class EvaluateStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     label: str = ""
     perplexity: bool = True
     tasks: list[str] = field(default_factory=lambda: ["next_line", "docstring_match"])
@@ -103,28 +149,44 @@ class EvaluateStep:
 
 
 @dataclass
-class AnalyzeStep:
+class AnalyzeStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     top_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
 
 
 @dataclass
-class SaveStep:
+class SaveStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     subdir: str = "model"
 
 
 @dataclass
-class OdpStep:
+class OdpStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = True
+
     protect_ratio: float = 0.02
 
 
 @dataclass
-class CompressedExpertsStep:
+class CompressedExpertsStep(StepSpec):
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
+
     steps: int = 100
     lr: float = 1e-3
     main_experts: int | None = None
 
 
-STEP_TYPES: dict[str, type] = {
+STEP_TYPES: dict[str, type[StepSpec]] = {
     "stats": StatsStep, "prune": PruneStep, "recover": RecoverStep, "finetune": FinetuneStep,
     "quantize": QuantizeStep, "evaluate": EvaluateStep, "analyze": AnalyzeStep, "save": SaveStep,
     "odp": OdpStep, "compressed_experts": CompressedExpertsStep,
