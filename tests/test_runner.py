@@ -61,3 +61,25 @@ def test_cli_errors(tmp_path, capsys):
     bad.write_text("name: x\nsteps:\n  - prune: {ratio: 2}\n  - bogus: {}\n")
     with pytest.raises(SystemExit, match="bad.yaml:4: unknown step 'bogus'"):
         main(["run", str(bad)])
+
+
+def test_nonempty_run_dir_is_refused_without_resume(tmp_path):
+    from camera_pl.workflows.runner import RunDirectoryError
+
+    run_dir = tmp_path / "a_finished_run"
+    files = {"metrics.json": '[{"label": "dense", "perplexity": 12.5}]', "recipe.yaml": "name: a\n",
+             "recipe.json": "{}", "state.json": '{"done": 1, "checkpoint": null}', "checkpoints/after_step1/x": "w"}
+    for name, text in files.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
+
+    def snapshot():  # every path, with each file's bytes and modification time
+        return {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in run_dir.rglob("*")}
+
+    before = snapshot()
+    with pytest.raises(SystemExit) as err:
+        main(["run", str(ROOT / "recipes" / "eval.yaml"), "--out", str(run_dir)])
+    assert str(run_dir) in str(err.value) and "--resume" in str(err.value) and "--out" in str(err.value)
+    with pytest.raises(RunDirectoryError, match="not empty"):
+        run_recipe(load_recipe(ROOT / "recipes" / "mc_odp.yaml"), run_dir)
+    assert snapshot() == before

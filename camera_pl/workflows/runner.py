@@ -4,6 +4,7 @@ A run directory holds ``recipe.yaml`` (the resolved recipe), ``metrics.json`` an
 ``metrics.csv`` (one row per evaluation), ``state.json`` (completed steps), plots, the
 analysis report and a checkpoint after every step that changes the model, so an
 interrupted run resumes from its last completed step (``camera-pl run ... --resume``).
+A run directory that exists and is not empty is only reused with ``resume``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from torch import nn
 from camera_pl.workflows.recipe import Recipe
 
 MODEL_CHANGING = {"prune", "recover", "finetune", "quantize", "compressed_experts"}
+
+
+class RunDirectoryError(FileExistsError):
+    """The run directory holds an earlier run and the run was not asked to resume it."""
 
 
 @dataclass
@@ -246,14 +251,31 @@ def _plot_metrics(ctx: RunContext) -> None:
     plt.close(fig)
 
 
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume or not run_dir.exists():
+        return
+    if not run_dir.is_dir() or any(run_dir.iterdir()):
+        raise RunDirectoryError(
+            f"Run directory {run_dir} already exists and is not empty; nothing in it was changed. "
+            f"To continue the run in it, pass --resume (run_recipe(..., resume=True)); to start a new run, "
+            f"give another --out directory."
+        )
+
+
 def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> RunContext:
-    """Execute ``recipe`` in ``run_dir``; with ``resume``, skip steps a previous run completed."""
+    """Execute ``recipe`` in ``run_dir``; with ``resume``, skip steps a previous run completed.
+
+    Raises:
+        RunDirectoryError: ``run_dir`` exists and is not empty, and ``resume`` is False.
+        ValueError: resuming a run started with a different recipe.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(run_dir, resume)
     state_path = run_dir / "state.json"
     state = json.loads(state_path.read_text()) if resume and state_path.exists() else {"done": 0, "checkpoint": None}
     if resume and state["done"] and json.loads((run_dir / "recipe.json").read_text()) != recipe.to_dict():
         raise ValueError(f"{run_dir} was started with a different recipe; resume with the same recipe and --set values.")
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict()))
     torch.manual_seed(recipe.seed)
