@@ -63,6 +63,50 @@ def test_cli_errors(tmp_path, capsys):
         main(["run", str(bad)])
 
 
+# ---- resume computes what the uninterrupted run computes ------------------------------------
+INTERRUPTIBLE = """
+name: interruptible
+model: {name: reference}
+data: {source: stdlib, block_size: 32, batch_size: 2, max_documents: 24, calib_batches: 1, eval_batches: 1}
+accelerator: cpu
+steps:
+  - stats: {max_tokens: 64, reduce_ratio: 0.8}
+  - evaluate: {label: dense, tasks: []}
+  - prune: {ratio: 0.4}
+  - odp: {protect_ratio: 0.1}
+  - evaluate: {label: odp, tasks: []}
+"""
+
+
+_BUILT: dict = {}
+
+
+@pytest.fixture
+def shared_data(monkeypatch):
+    """Build each data module once (reading the stdlib corpus is slow): the runs read identical data."""
+    from dataclasses import astuple
+
+    from camera_pl.workflows import runner
+
+    real = runner.build_datamodule
+
+    def build(spec, tokenizer):
+        key = astuple(spec), tokenizer.name_or_path
+        if key not in _BUILT:
+            _BUILT[key] = real(spec, tokenizer)
+        return _BUILT[key]
+
+    monkeypatch.setattr(runner, "build_datamodule", build)
+
+
+def _recipe(text: str):
+    import yaml
+
+    from camera_pl.workflows.recipe import parse_recipe
+
+    return parse_recipe(yaml.safe_load(text))
+
+
 def test_nonempty_run_dir_is_refused_without_resume(tmp_path):
     from camera_pl.workflows.runner import RunDirectoryError
 
@@ -83,3 +127,22 @@ def test_nonempty_run_dir_is_refused_without_resume(tmp_path):
     with pytest.raises(RunDirectoryError, match="not empty"):
         run_recipe(load_recipe(ROOT / "recipes" / "mc_odp.yaml"), run_dir)
     assert snapshot() == before
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_the_tokenizer(tmp_path, shared_data):
+    """``camera-pl eval --model runs/X/checkpoints/after_stepN`` loads the checkpoint's own tokenizer."""
+    recipe = _recipe(INTERRUPTIBLE.split("steps:")[0] + """steps:
+  - prune: {ratio: 0.4}
+  - evaluate: {label: pruned, tasks: [next_line], examples: 4}
+""")
+    want = run_recipe(recipe, tmp_path / "run", log=lambda line: None).metrics
+    checkpoint = tmp_path / "run" / "checkpoints" / "after_step1"
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= {
+        p.name for p in checkpoint.iterdir()}
+    evaluation = load_recipe(ROOT / "recipes" / "eval.yaml", [f"model.name={checkpoint}"])  # what `eval --model` runs
+    evaluation.data, evaluation.accelerator = recipe.data, recipe.accelerator
+    evaluation.steps[0][1].tasks, evaluation.steps[0][1].examples = ["next_line"], 4
+    got = run_recipe(evaluation, tmp_path / "eval", log=lambda line: None).metrics
+    assert got[0]["perplexity"] == pytest.approx(want[0]["perplexity"], rel=1e-6)
+    assert got[0]["next_line_acc"] == want[0]["next_line_acc"] and got[0]["params"] == want[0]["params"]

@@ -2,7 +2,7 @@
 
 A run directory holds ``recipe.yaml`` (the resolved recipe), ``metrics.json`` and
 ``metrics.csv`` (one row per evaluation), ``state.json`` (completed steps), plots, the
-analysis report and a checkpoint after every step that changes the model, so an
+analysis report and a checkpoint (model and tokenizer) after every step that changes the model, so an
 interrupted run resumes from its last completed step (``camera-pl run ... --resume``).
 A run directory that exists and is not empty is only reused with ``resume``.
 """
@@ -189,11 +189,17 @@ def step_analyze(ctx: RunContext, step) -> None:
     ctx.log(f"analysis report: {path}")
 
 
-def step_save(ctx: RunContext, step) -> None:
+def save_model(ctx: RunContext, path: Path) -> Path:
+    """Write the model and its tokenizer to ``path`` (loadable by ``model.name: <path>``)."""
     from camera_pl.serialization import save
 
-    path = save(ctx.model, ctx.run_dir / step.subdir)
+    path = save(ctx.model, path)
     ctx.tokenizer.save_pretrained(path)
+    return path
+
+
+def step_save(ctx: RunContext, step) -> None:
+    path = save_model(ctx, ctx.run_dir / step.subdir)
     ctx.log(f"saved model to {path}")
 
 
@@ -299,10 +305,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: C
         log(f"    done in {time.perf_counter() - start:.1f}s")
         state["done"] = i + 1
         if kind in MODEL_CHANGING:
-            from camera_pl.serialization import save
-
             state["checkpoint"] = f"checkpoints/after_step{i + 1}"
-            save(ctx.model, run_dir / state["checkpoint"])
+            save_model(ctx, run_dir / state["checkpoint"])
         _write_metrics(ctx)
         state_path.write_text(json.dumps(state))
     return ctx
