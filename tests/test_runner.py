@@ -78,6 +78,10 @@ steps:
 """
 
 
+class Interrupted(Exception):
+    pass
+
+
 _BUILT: dict = {}
 
 
@@ -105,6 +109,76 @@ def _recipe(text: str):
     from camera_pl.workflows.recipe import parse_recipe
 
     return parse_recipe(yaml.safe_load(text))
+
+
+def _interrupt_at(monkeypatch, recipe, index: int) -> None:
+    """Make step ``index`` (0-based) do its work, then raise before the run loop records it (once)."""
+    from camera_pl.workflows import runner
+
+    kind, target = recipe.steps[index]
+    real = runner.STEPS[kind]
+
+    def interrupted(ctx, step):
+        real(ctx, step)
+        if step is target:
+            monkeypatch.setitem(runner.STEPS, kind, real)
+            raise Interrupted(f"killed during step {index + 1}")
+
+    monkeypatch.setitem(runner.STEPS, kind, interrupted)
+
+
+def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    assert [row["label"] for row in got] == [row["label"] for row in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(b[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["label"], key)
+            else:
+                assert a[key] == b[key], (a["label"], key)
+
+
+@pytest.mark.slow
+def test_resume_after_every_step_matches_uninterrupted_run(tmp_path, monkeypatch, shared_data):
+    """Interrupt during every step in turn (after its work, before the run records it), resume each time."""
+    recipe = _recipe(INTERRUPTIBLE)
+    want = run_recipe(recipe, tmp_path / "full", log=lambda line: None).metrics
+    run_dir, resume = tmp_path / "interrupted", False
+    for done in range(1, len(recipe.steps) + 1):  # the run resumed after step `done` computes step done+1
+        if done < len(recipe.steps):
+            _interrupt_at(monkeypatch, recipe, done)
+        logs = []
+        try:
+            ctx = run_recipe(recipe, run_dir, resume=resume, log=logs.append)
+        except Interrupted:
+            pass
+        assert json.loads((run_dir / "state.json").read_text())["done"] == done
+        assert sum(line.startswith("[") for line in logs) == (2 if done < len(recipe.steps) else 1)
+        if done == 2:  # resumed after the stats step: prune used the saved statistics, nothing was recollected
+            assert not any(line.startswith("statistics:") for line in logs)
+        resume = True
+    assert any(line.startswith("replaying step 4 (odp)") for line in logs)
+    _assert_same_metrics(ctx.metrics, want)
+    _assert_same_metrics(json.loads((run_dir / "metrics.json").read_text()), want)
+    logs = []  # resuming a finished run runs nothing and changes nothing
+    _assert_same_metrics(run_recipe(recipe, run_dir, resume=True, log=logs.append).metrics, want)
+    assert not any(line.startswith("[") for line in logs)
+
+
+@pytest.mark.slow
+def test_resume_restores_rng_state(tmp_path, monkeypatch, shared_data):
+    """The second recovery's LoRA initialisation draws from the RNG state the first one left."""
+    recipe = _recipe(INTERRUPTIBLE.replace("name: interruptible", "name: random").split("steps:")[0] + """steps:
+  - recover: {steps: 1, lr: 0.01, rank: 2}
+  - recover: {steps: 1, lr: 0.01, rank: 2}
+  - evaluate: {label: recovered, tasks: []}
+""")
+    want = run_recipe(recipe, tmp_path / "full", log=lambda line: None).metrics
+    _interrupt_at(monkeypatch, recipe, 1)
+    with pytest.raises(Interrupted):
+        run_recipe(recipe, tmp_path / "interrupted", log=lambda line: None)
+    assert (tmp_path / "interrupted" / "rng_state.pt").is_file()
+    _assert_same_metrics(run_recipe(recipe, tmp_path / "interrupted", resume=True, log=lambda line: None).metrics, want)
 
 
 def test_nonempty_run_dir_is_refused_without_resume(tmp_path):
