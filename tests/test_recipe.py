@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from camera_pl.workflows.recipe import PruneStep, RecipeError, load_recipe
+from camera_pl.workflows.recipe import STEP_TYPES, PruneStep, RecipeError, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -40,4 +40,43 @@ def test_errors_name_key_and_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_steps_declare_what_they_do(tmp_path):
+    import dataclasses
+
+    for kind, cls in STEP_TYPES.items():
+        flags = {name: getattr(cls, name) for name in ("changes_model", "checkpoint", "installs_hooks")}
+        assert all(isinstance(v, bool) for v in flags.values()) and set(flags) & set(vars(cls)) == set(flags), kind
+        assert not flags.keys() & {f.name for f in dataclasses.fields(cls)}, kind  # not recipe options
+        assert not flags["changes_model"] or flags["checkpoint"], f"{kind}: a model change needs a checkpoint"
+        assert not (flags["changes_model"] and flags["installs_hooks"]), f"{kind}: a replay would change the model twice"
+    assert {k for k, c in STEP_TYPES.items() if c.changes_model} == {"prune", "recover", "finetune", "quantize",
+                                                                     "compressed_experts"}
+    assert {k for k, c in STEP_TYPES.items() if c.installs_hooks} == {"odp"}
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nsteps:\n  - odp: {installs_hooks: false}\n")
+    with pytest.raises(RecipeError, match="bad.yaml:3: unknown key 'installs_hooks' in 'odp'"):
+        load_recipe(path)
+
+
+def test_steps_are_the_library_configs(tmp_path):
+    """Recipe steps accept exactly the options of the Python API's config objects, validated the same way."""
+    import camera_pl
+    from camera_pl.workflows.recipe import PruneStep, QuantizeStep
+
+    assert issubclass(PruneStep, camera_pl.PruneConfig) and issubclass(QuantizeStep, camera_pl.QuantizeConfig)
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nsteps:\n  - prune: {ratio: 0.3, allocation: global, max_layer_ratio: 0.5}\n"
+                    "  - quantize: {avg_bits: 2.5, bit_choices: [1, 2, 3], groups: null}\n")
+    recipe = load_recipe(path)
+    (_, prune), (_, quant) = recipe.steps
+    assert prune.max_layer_ratio == 0.5 and quant.bit_choices == (1, 2, 3)
+    assert recipe.to_dict()["steps"][1]["quantize"]["bit_choices"] == [1, 2, 3]  # YAML/JSON-plain
+    path.write_text("name: r\nsteps:\n  - prune: {ratio: 0.3, allocation: gloabl}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:3.*allocation='gloabl'.*Did you mean 'global'"):
+        load_recipe(path)
+    path.write_text("name: r\nsteps:\n  - prune: {ratio: 0.3, sequential: true, allocation: global}\n")
+    with pytest.raises(RecipeError, match="sequential"):
         load_recipe(path)

@@ -23,7 +23,7 @@ def _recipe_path(name: str) -> Path:
 
 def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
     from camera_pl.workflows.recipe import RecipeError, load_recipe
-    from camera_pl.workflows.runner import run_recipe
+    from camera_pl.workflows.runner import RunDirectoryError, run_recipe
 
     try:
         recipe = load_recipe(_recipe_path(recipe_name), overrides)
@@ -31,7 +31,10 @@ def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
         raise SystemExit(f"camera-pl: {err}") from None
     run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"camera-pl: running recipe {recipe.name!r} -> {run_dir}")
-    return run_recipe(recipe, run_dir, resume=resume), run_dir
+    try:
+        return run_recipe(recipe, run_dir, resume=resume), run_dir
+    except RunDirectoryError as err:
+        raise SystemExit(f"camera-pl: {err}") from None
 
 
 def _table(metrics: list[dict]) -> str:

@@ -23,9 +23,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
+
+from camera_pl.config import ConfigError
+from camera_pl.expert_compression import CompressedExpertsConfig
+from camera_pl.lora import LoRAConfig
+from camera_pl.odp import OdpConfig
+from camera_pl.pruning.config import PruneConfig
+from camera_pl.quant.config import QuantizeConfig
 
 
 class RecipeError(ValueError):
@@ -51,33 +58,61 @@ class DataSpec:
     train_batches: int | None = None
 
 
+class StepSpec:
+    """Options of one recipe step; each subclass also declares what the step does to the run.
+
+    The runner reads these class attributes (they are not options: they never appear in a
+    recipe, ``to_dict`` or ``dataclasses.fields``):
+
+    * ``changes_model``: the step changes the model's weights or structure. Statistics
+      collected before it no longer describe the model, so the runner drops them after it.
+    * ``checkpoint``: the runner writes a checkpoint (model and tokenizer) to
+      ``checkpoints/after_step<N>`` after the step; a resumed run starts from the last one.
+      Every model-changing step needs one, or a resumed run could not reproduce its change.
+    * ``installs_hooks``: the step changes the model's behaviour through state that saved
+      weights do not hold (forward hooks, attention/experts implementations), e.g. ``odp``.
+      A resumed run replays such steps on the reloaded model, with the statistics they used.
+      Such a step must not also change the model (a replay would apply the change twice).
+    """
+
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
+
 @dataclass
-class StatsStep:
+class StatsStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     max_tokens: int | None = 20000
-    reduce_ratio: float = 0.9
+
+
+@dataclass(frozen=True)
+class PruneStep(StepSpec, PruneConfig):
+    """:class:`~camera_pl.PruneConfig`: the same options as ``camera_pl.prune``."""
+
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class RecoverStep(StepSpec, LoRAConfig):
+    """:class:`~camera_pl.LoRAConfig`: the same options as ``camera_pl.recover`` (``lr`` defaults to 1e-3)."""
+
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
 
 
 @dataclass
-class PruneStep:
-    ratio: float = 0.4
-    method: str = "camera"
-    allocation: str = "layer"
-    sequential: bool = False
-    allow_expert_removal: bool = False
+class FinetuneStep(StepSpec):
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
 
-
-@dataclass
-class RecoverStep:
-    steps: int = 100
-    lr: float = 1e-3
-    rank: int = 8
-    alpha: float = 16.0
-    experts: bool = True
-    merge: bool = True
-
-
-@dataclass
-class FinetuneStep:
     epochs: int = 3
     steps_per_epoch: int = 50
     lr: float = 1e-4
@@ -86,16 +121,21 @@ class FinetuneStep:
     allocation: str = "layer"
 
 
-@dataclass
-class QuantizeStep:
-    method: str = "camera"
-    avg_bits: float | None = None
-    quantizer: str = "rtn"
-    group_size: int = 128
+@dataclass(frozen=True)
+class QuantizeStep(StepSpec, QuantizeConfig):
+    """:class:`~camera_pl.QuantizeConfig`: the same options as ``camera_pl.quantize``."""
+
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
 
 
 @dataclass
-class EvaluateStep:
+class EvaluateStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     label: str = ""
     perplexity: bool = True
     tasks: list[str] = field(default_factory=lambda: ["next_line", "docstring_match"])
@@ -103,28 +143,50 @@ class EvaluateStep:
 
 
 @dataclass
-class AnalyzeStep:
+class AnalyzeStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     top_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
 
 
 @dataclass
-class SaveStep:
+class SaveStep(StepSpec):
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = False
+
     subdir: str = "model"
 
 
-@dataclass
-class OdpStep:
-    protect_ratio: float = 0.02
+@dataclass(frozen=True)
+class OdpStep(StepSpec, OdpConfig):
+    """:class:`~camera_pl.OdpConfig`: the same options as ``camera_pl.apply_odp``."""
+
+    changes_model: ClassVar[bool] = False
+    checkpoint: ClassVar[bool] = False
+    installs_hooks: ClassVar[bool] = True
 
 
-@dataclass
-class CompressedExpertsStep:
+@dataclass(frozen=True)
+class CompressedExpertsStep(StepSpec, CompressedExpertsConfig):
+    """:class:`~camera_pl.CompressedExpertsConfig` plus the finetune that follows (``steps`` batches at ``lr``)."""
+
+    changes_model: ClassVar[bool] = True
+    checkpoint: ClassVar[bool] = True
+    installs_hooks: ClassVar[bool] = False
+
     steps: int = 100
     lr: float = 1e-3
-    main_experts: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        self._number("steps", 1, integer=True)
+        self._number("lr", 0.0, low_open=True)
 
 
-STEP_TYPES: dict[str, type] = {
+STEP_TYPES: dict[str, type[StepSpec]] = {
     "stats": StatsStep, "prune": PruneStep, "recover": RecoverStep, "finetune": FinetuneStep,
     "quantize": QuantizeStep, "evaluate": EvaluateStep, "analyze": AnalyzeStep, "save": SaveStep,
     "odp": OdpStep, "compressed_experts": CompressedExpertsStep,
@@ -144,7 +206,16 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.name, "seed": self.seed, "accelerator": self.accelerator,
                 "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "steps": [{kind: dataclasses.asdict(step)} for kind, step in self.steps]}
+                "steps": [{kind: _plain_data(dataclasses.asdict(step))} for kind, step in self.steps]}
+
+
+def _plain_data(value: Any) -> Any:
+    """Tuples as lists, recursively: what YAML and JSON hold."""
+    if isinstance(value, dict):
+        return {k: _plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_data(v) for v in value]
+    return value
 
 
 # ---- parsing with line numbers ---------------------------------------------------------------
@@ -179,6 +250,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is tuple:  # YAML sequences
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
     if origin is dict:
         k, v = typing.get_args(hint)
         return isinstance(value, dict) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
@@ -203,7 +281,10 @@ def _build(cls: type, data: Any, where: str, path: tuple, lines: dict[int, int],
         if not _type_ok(value, hints[key]):
             name = getattr(hints[key], "__name__", str(hints[key]))
             raise RecipeError(f"{line(path + (key,))}: '{where}.{key}' must be {name}, got {value!r}.")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except ConfigError as err:
+        raise RecipeError(f"{line(path)}: '{where}': {err}") from None
 
 
 def parse_recipe(data: dict, lines: dict[int, int] | None = None, source: str = "<recipe>") -> Recipe:

@@ -2,14 +2,31 @@
 
 A run directory holds ``recipe.yaml`` (the resolved recipe), ``metrics.json`` and
 ``metrics.csv`` (one row per evaluation), ``state.json`` (completed steps), plots, the
-analysis report and a checkpoint after every step that changes the model, so an
-interrupted run resumes from its last completed step (``camera-pl run ... --resume``).
+analysis report and a checkpoint (model and tokenizer) after every step whose options class
+declares ``checkpoint`` (see :class:`camera_pl.workflows.recipe.StepSpec`), so an
+interrupted run resumes from its last completed step (``camera-pl run ... --resume``) and
+computes what the uninterrupted run computes:
+
+* the model is reloaded from the last checkpoint, and the completed steps that install
+  hooks (``installs_hooks``, e.g. ``odp``) are replayed on it, in order, with the statistics
+  they used (saved under ``replay/``): hooks are in no checkpoint, whether they were
+  installed before or after it, and every one of them is still active in the uninterrupted run;
+* statistics still valid at the interruption (collected after the last model-changing step)
+  are reloaded from ``stats.safetensors``; when missing they are recollected with the options
+  of the recipe's last ``stats`` step, as the uninterrupted run would;
+* the RNG states (torch, CUDA, ``random``, NumPy) saved after each step in ``rng_state.pt``
+  are restored, so random choices after the resume match.
+
+A run directory that exists and is not empty is only reused with ``resume``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -20,9 +37,15 @@ import torch
 import yaml
 from torch import nn
 
-from camera_pl.workflows.recipe import Recipe
+from camera_pl.workflows.recipe import Recipe, StatsStep, StepSpec
 
-MODEL_CHANGING = {"prune", "recover", "finetune", "quantize", "compressed_experts"}
+STATE = "state.json"
+STATS = "stats.safetensors"
+RNG = "rng_state.pt"
+
+
+class RunDirectoryError(FileExistsError):
+    """The run directory holds an earlier run and the run was not asked to resume it."""
 
 
 @dataclass
@@ -33,8 +56,10 @@ class RunContext:
     tokenizer: Any
     datamodule: Any
     stats: Any = None
+    stats_options: StatsStep | None = None  # the recipe's last stats step before the current one
     metrics: list[dict] = field(default_factory=list)
     log: Callable[[str], None] = print
+    saved_stats: Any = field(default=None, repr=False)  # the statistics state.json records (the run loop's)
 
     def loader(self, split: str, batches: int | None):
         source = {"train": self.datamodule.train_dataloader, "validation": self.datamodule.val_dataloader,
@@ -89,40 +114,32 @@ def step_stats(ctx: RunContext, step) -> None:
     from camera_pl.stats.container import collect_stats
 
     ctx.stats = collect_stats(ctx.model, ctx.loader("validation", ctx.recipe.data.calib_batches), step.max_tokens)
-    ctx.stats.meta["reduce_ratio"] = step.reduce_ratio
-    ctx.stats.save(ctx.run_dir / "stats.safetensors")
+    ctx.stats.save(ctx.run_dir / STATS)
     ctx.log(f"statistics: {ctx.stats.tokens} tokens, {ctx.stats.nbytes() / 1024:.0f} KiB")
 
 
 def _stats_or_collect(ctx: RunContext):
+    """The current statistics; when a model change dropped them, recollect with the last stats step's options."""
     if ctx.stats is None:
-        from camera_pl.workflows.recipe import StatsStep
-
-        step_stats(ctx, StatsStep())
+        step_stats(ctx, ctx.stats_options or StatsStep())
     return ctx.stats
 
 
 def step_prune(ctx: RunContext, step) -> None:
     from camera_pl.pruning.api import prune
 
-    stats = None if step.sequential else _stats_or_collect(ctx)
-    reduce_ratio = ctx.stats.meta.get("reduce_ratio", 0.9) if ctx.stats is not None else 0.9
-    kw = {"reduce_ratio": reduce_ratio} if step.method == "camera" else {}
-    report = prune(ctx.model, stats, step.ratio, method=step.method, allocation=step.allocation,
-                   sequential=step.sequential, allow_expert_removal=step.allow_expert_removal,
-                   calib_dataloader=ctx.loader("validation", ctx.recipe.data.calib_batches) if step.sequential else None,
-                   **kw)
-    ctx.stats = None  # the model changed: later steps recollect
+    calibrated = step.sequential or step.method == "naee"
+    stats = None if calibrated else _stats_or_collect(ctx)
+    calib = ctx.loader("validation", ctx.recipe.data.calib_batches) if calibrated else None
+    report = prune(ctx.model, stats, step, calib_dataloader=calib)
     ctx.log(report.summary().splitlines()[0])
 
 
 def step_recover(ctx: RunContext, step) -> None:
     from camera_pl.lightning.finetune import recover
 
-    ctx.model = recover(ctx.model, ctx.loader("train", step.steps), steps=step.steps, lr=step.lr, rank=step.rank,
-                        alpha=step.alpha, experts=step.experts, merge=step.merge, accelerator=ctx.recipe.accelerator,
+    ctx.model = recover(ctx.model, ctx.loader("train", step.steps), step, accelerator=ctx.recipe.accelerator,
                         progress=True)
-    ctx.stats = None
 
 
 def step_finetune(ctx: RunContext, step) -> None:
@@ -147,17 +164,15 @@ def step_finetune(ctx: RunContext, step) -> None:
         trainer.fit(module, train_dataloaders=ctx.datamodule.train_dataloader(),
                     val_dataloaders=ctx.datamodule.val_dataloader())
     ctx.model = module.model.eval()
-    ctx.stats = None
 
 
 def step_quantize(ctx: RunContext, step) -> None:
-    from camera_pl import quantize
+    from camera_pl.quant.api import quantize
 
-    report = quantize(ctx.model, _stats_or_collect(ctx), method=step.method, avg_bits=step.avg_bits,
-                      quantizer=step.quantizer, group_size=step.group_size,
-                      calib_dataloader=ctx.loader("validation", ctx.recipe.data.calib_batches))
+    stats = _stats_or_collect(ctx) if step.needs_stats else None
+    calib = ctx.loader("validation", ctx.recipe.data.calib_batches) if step.needs_calibration else None
+    report = quantize(ctx.model, stats, step, calib_dataloader=calib)
     ctx.log(str(report).splitlines()[0])
-    ctx.stats = None
 
 
 def step_evaluate(ctx: RunContext, step) -> None:
@@ -184,25 +199,31 @@ def step_analyze(ctx: RunContext, step) -> None:
     ctx.log(f"analysis report: {path}")
 
 
-def step_save(ctx: RunContext, step) -> None:
+def save_model(ctx: RunContext, path: Path) -> Path:
+    """Write the model and its tokenizer to ``path`` (loadable by ``model.name: <path>``)."""
     from camera_pl.serialization import save
 
-    path = save(ctx.model, ctx.run_dir / step.subdir)
+    path = save(ctx.model, path)
     ctx.tokenizer.save_pretrained(path)
+    return path
+
+
+def step_save(ctx: RunContext, step) -> None:
+    path = save_model(ctx, ctx.run_dir / step.subdir)
     ctx.log(f"saved model to {path}")
 
 
 def step_odp(ctx: RunContext, step) -> None:
     from camera_pl.odp import apply_odp
 
-    apply_odp(ctx.model, _stats_or_collect(ctx), protect_ratio=step.protect_ratio)
+    apply_odp(ctx.model, _stats_or_collect(ctx), step)
 
 
 def step_compressed_experts(ctx: RunContext, step) -> None:
     from camera_pl.expert_compression import compress_experts
     from camera_pl.lightning.finetune import finetune
 
-    compress_experts(ctx.model, k_main=step.main_experts)
+    compress_experts(ctx.model, k_main=step.k_main, trainable=step.trainable)
     ctx.model = finetune(ctx.model, ctx.loader("train", step.steps), step.steps, step.lr, ctx.recipe.accelerator,
                          progress=True)
 
@@ -246,14 +267,155 @@ def _plot_metrics(ctx: RunContext) -> None:
     plt.close(fig)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save_rng(path: Path, done: int) -> None:
+    """Save the torch (CPU and CUDA), ``random`` and NumPy RNG states after step ``done``."""
+    rng: dict[str, Any] = {"step": done, "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    except ImportError:
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(rng, tmp)
+    os.replace(tmp, path)
+
+
+def _restore_rng(path: Path, done: int, log: Callable[[str], None]) -> None:
+    rng = torch.load(path, weights_only=True) if path.is_file() else None
+    if rng is None or rng.get("step") != done:
+        log(f"warning: no RNG state saved after step {done} in {path}; random choices from here on may differ "
+            "from an uninterrupted run")
+        return
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    if "numpy" in rng:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume or not run_dir.exists():
+        return
+    if not run_dir.is_dir() or any(run_dir.iterdir()):
+        raise RunDirectoryError(
+            f"Run directory {run_dir} already exists and is not empty; nothing in it was changed. "
+            f"To continue the run in it, pass --resume (run_recipe(..., resume=True)); to start a new run, "
+            f"give another --out directory."
+        )
+
+
+def _load_stats(run_dir: Path, record: dict | None, model: nn.Module, device: str, log: Callable[[str], None]):
+    """The statistics ``state.json`` records as valid, if their file still holds them (else None)."""
+    if not record:
+        return None
+    from camera_pl.stats.container import MicroExpertStats, StatsMismatchError
+
+    path = run_dir / record["file"]
+    if path.is_file() and _sha256(path) == record["sha256"]:
+        try:
+            return MicroExpertStats.load(path, model=model, device=device)
+        except StatsMismatchError as err:
+            log(f"warning: {err}")
+    log(f"warning: {path} no longer holds the statistics of step {record['step']}; "
+        "they will be recollected when a step needs them")
+    return None
+
+
+def _last_stats_step(recipe: Recipe, before: int) -> StatsStep | None:
+    found = [step for _, step in recipe.steps[:before] if isinstance(step, StatsStep)]
+    return found[-1] if found else None
+
+
+def _resume(ctx: RunContext, state: dict, device: str) -> None:
+    """Bring a context freshly loaded from the last checkpoint to where the interrupted run stopped."""
+    recipe, done = ctx.recipe, state["done"]
+    after = int(state["checkpoint"].rsplit("step", 1)[1]) if state["checkpoint"] else 0
+    lost = [f"{i + 1} ({kind})" for i, (kind, step) in enumerate(recipe.steps[:done])
+            if i >= after and step.changes_model]
+    if lost:
+        raise ValueError(f"{ctx.run_dir} cannot be resumed: model-changing step(s) {', '.join(lost)} completed after "
+                         "the last checkpoint; rerun without --resume in another directory.")
+    if len(ctx.metrics) > state.get("metrics", len(ctx.metrics)):
+        ctx.metrics = ctx.metrics[: state["metrics"]]  # rows of the step that was interrupted do not count
+        _write_metrics(ctx)
+    from camera_pl.stats.container import MicroExpertStats
+
+    for entry in state.get("replay", []):
+        i = entry["step"] - 1
+        kind, step = recipe.steps[i]
+        ctx.log(f"replaying step {i + 1} ({kind}): its hooks are not part of the saved weights")
+        ctx.stats = MicroExpertStats.load(ctx.run_dir / entry["stats"], device=device) if entry["stats"] else None
+        ctx.stats_options = _last_stats_step(recipe, i)
+        STEPS[kind](ctx, step)
+    ctx.stats = ctx.saved_stats = _load_stats(ctx.run_dir, state.get("stats"), ctx.model, device, ctx.log)
+    _restore_rng(ctx.run_dir / RNG, done, ctx.log)
+
+
+def _finish_step(ctx: RunContext, state: dict, i: int, kind: str, step: StepSpec) -> None:
+    """What the run loop does after every step, as the step's options class declares it."""
+    run_dir, n = ctx.run_dir, i + 1
+    if step.installs_hooks:  # remember the statistics it used, to replay it on resume
+        snapshot = None
+        if ctx.stats is not None:
+            snapshot = f"replay/step{n}.{STATS}"
+            ctx.stats.save(run_dir / snapshot)
+        state.setdefault("replay", []).append({"step": n, "kind": kind, "stats": snapshot})
+    if step.changes_model:
+        ctx.stats = None  # statistics of the previous model: later steps recollect
+    if step.checkpoint:
+        state["checkpoint"] = f"checkpoints/after_step{n}"
+        save_model(ctx, run_dir / state["checkpoint"])
+    if ctx.stats is None:
+        state["stats"] = None
+    elif ctx.stats is not ctx.saved_stats:  # collected during this step, into stats.safetensors
+        state["stats"] = {"file": STATS, "sha256": _sha256(run_dir / STATS), "step": n}
+    ctx.saved_stats = ctx.stats
+    if len(ctx.metrics) != state.get("metrics"):  # steps only ever append rows
+        _write_metrics(ctx)
+    state["metrics"] = len(ctx.metrics)
+    state["done"] = n
+    _save_rng(run_dir / RNG, n)
+    _write_atomic(run_dir / STATE, json.dumps(state, indent=1))
+
+
 def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> RunContext:
-    """Execute ``recipe`` in ``run_dir``; with ``resume``, skip steps a previous run completed."""
+    """Execute ``recipe`` in ``run_dir``; with ``resume``, continue after the steps a previous run completed.
+
+    Raises:
+        RunDirectoryError: ``run_dir`` exists and is not empty, and ``resume`` is False.
+        ValueError: resuming a run started with a different recipe.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / "state.json"
-    state = json.loads(state_path.read_text()) if resume and state_path.exists() else {"done": 0, "checkpoint": None}
+    _check_run_dir(run_dir, resume)
+    state_path = run_dir / STATE
+    resuming = resume and state_path.exists()
+    state = json.loads(state_path.read_text()) if resuming else {"done": 0, "checkpoint": None}
     if resume and state["done"] and json.loads((run_dir / "recipe.json").read_text()) != recipe.to_dict():
         raise ValueError(f"{run_dir} was started with a different recipe; resume with the same recipe and --set values.")
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict()))
     torch.manual_seed(recipe.seed)
@@ -263,24 +425,22 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: C
 
         model = load(run_dir / state["checkpoint"], dtype=getattr(torch, recipe.model.dtype))
         log(f"resuming after step {state['done']} from {state['checkpoint']}")
+    elif state["done"]:
+        log(f"resuming after step {state['done']} from the recipe's model")
     device = "cuda" if recipe.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     model = model.to(device)
     ctx = RunContext(recipe, run_dir, model, tokenizer, build_datamodule(recipe.data, tokenizer), log=log)
-    if (run_dir / "metrics.json").exists() and resume:
+    if resuming and (run_dir / "metrics.json").exists():
         ctx.metrics = json.loads((run_dir / "metrics.json").read_text())
+    if state["done"]:
+        _resume(ctx, state, device)
     for i, (kind, step) in enumerate(recipe.steps):
         if i < state["done"]:
             continue
+        ctx.stats_options = _last_stats_step(recipe, i)
         log(f"[{i + 1}/{len(recipe.steps)}] {kind} {asdict(step)}")
         start = time.perf_counter()
         STEPS[kind](ctx, step)
         log(f"    done in {time.perf_counter() - start:.1f}s")
-        state["done"] = i + 1
-        if kind in MODEL_CHANGING:
-            from camera_pl.serialization import save
-
-            state["checkpoint"] = f"checkpoints/after_step{i + 1}"
-            save(ctx.model, run_dir / state["checkpoint"])
-        _write_metrics(ctx)
-        state_path.write_text(json.dumps(state))
+        _finish_step(ctx, state, i, kind, step)
     return ctx
