@@ -24,9 +24,9 @@ from torch import nn
 
 from camera_pl.experts.base import ExpertWeights, as_experts
 from camera_pl.experts.forward import SortedRouting, to_original_channels
-from camera_pl.experts.module import CameraExperts
+from camera_pl.experts.module import WrappingExperts
 
-class CompressedExperts(CameraExperts):
+class CompressedExperts(WrappingExperts):
     """A layer's routed experts where each token's auxiliary experts act as IA³ vectors on its main experts."""
 
     kind = "compressed"
@@ -40,8 +40,7 @@ class CompressedExperts(CameraExperts):
                             "have no gate projection.")
         if not 1 <= k_main <= top_k:
             raise ValueError(f"k_main must lie in [1, top_k={top_k}], got {k_main}.")
-        super().__init__(view, view.num_experts)
-        self.base = base
+        super().__init__(base)
         self.top_k = top_k
         self.k_main = k_main
         kw = dict(dtype=view.dtype, device=view.device)
@@ -49,27 +48,8 @@ class CompressedExperts(CameraExperts):
         self.theta_inner = nn.Parameter(torch.ones(self.num_experts, self.intermediate_size, **kw))  # θ2
         self.theta_up = nn.Parameter(torch.ones(self.num_experts, self.hidden_size, **kw))  # θ3: up input scale
 
-    # ---- the experts interface: the base's weights -----------------------------------------------
-    @property
-    def base_experts(self):
-        return as_experts(self.base)
-
-    def widths(self) -> torch.Tensor:
-        return self.base_experts.widths()
-
-    def channels(self, e: int) -> torch.Tensor:
-        return self.base_experts.channels(e)
-
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         return self.base_experts.weights(e, dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.theta_gate.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.theta_gate.dtype
 
     # ---- computation ------------------------------------------------------------------------
     def _aggregate(self, mix: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -125,9 +105,7 @@ class CompressedExperts(CameraExperts):
         return self.k_main * self.parameter_counts().mean().item() + (self.top_k - self.k_main) * triple
 
     def spec(self) -> dict:
-        base = self.base if isinstance(self.base, CameraExperts) else None
-        return {"top_k": self.top_k, "k_main": self.k_main,
-                "base": None if base is None else {"kind": base.kind, "spec": base.spec()}}
+        return {"top_k": self.top_k, "k_main": self.k_main, "base": self.base_spec()}
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, k_main={self.k_main}"

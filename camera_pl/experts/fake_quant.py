@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from camera_pl.experts.base import ExpertWeights, as_experts, cast
-from camera_pl.experts.module import CameraExperts
+from camera_pl.experts.module import WrappingExperts
 from camera_pl.quant.quantizers import rtn
 
 
@@ -24,7 +24,7 @@ def _ste(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Ten
     return weight + (quantized - weight).detach()
 
 
-class FakeQuantExperts(CameraExperts):
+class FakeQuantExperts(WrappingExperts):
     """A layer's routed experts (``base``) seen through straight-through fake quantization."""
 
     kind = "fake_quant"
@@ -36,32 +36,13 @@ class FakeQuantExperts(CameraExperts):
             raise ValueError(f"Fake quantization trains full-precision experts; these are {view.kind} experts.")
         if down_axis not in ("in", "out"):
             raise ValueError(f"down_axis must be 'in' or 'out', got {down_axis!r}.")
-        super().__init__(view, view.num_experts)
-        self.base = base
+        super().__init__(base)
         self.down_axis = down_axis
         self.group_size = group_size
         kw = dict(dtype=torch.uint8, device=view.device)
         self.register_buffer("up_bits", up_bits.to(**kw).clone())
         self.register_buffer("down_bits", down_bits.to(**kw).clone())
         self.register_buffer("gate_bits", None if gate_bits is None else gate_bits.to(**kw).clone())
-
-    @property
-    def base_experts(self):
-        return as_experts(self.base)
-
-    def widths(self) -> torch.Tensor:
-        return self.base_experts.widths()
-
-    def channels(self, e: int) -> torch.Tensor:
-        return self.base_experts.channels(e)
-
-    @property
-    def device(self) -> torch.device:
-        return self.up_bits.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base_experts.dtype
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         base = self.base_experts
@@ -76,10 +57,8 @@ class FakeQuantExperts(CameraExperts):
         return out if dtype is None else cast(out, dtype)
 
     def spec(self) -> dict:
-        base = self.base if isinstance(self.base, CameraExperts) else None
         return {"down_axis": self.down_axis, "group_size": self.group_size, "has_gate": self.gate_bits is not None,
-                "down_rows": int(self.down_bits.shape[1]),
-                "base": None if base is None else {"kind": base.kind, "spec": base.spec()}}
+                "down_rows": int(self.down_bits.shape[1]), "base": self.base_spec()}
 
 
 def build_fake_quant(spec: dict, replaced) -> FakeQuantExperts:

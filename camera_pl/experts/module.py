@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camera_pl.experts.base import Experts, weightless
+from camera_pl.experts.base import Experts, as_experts, weightless
 from camera_pl.experts.forward import experts_forward
 
 
@@ -47,3 +47,39 @@ class CameraExperts(nn.Module, Experts):
     def spec(self) -> dict:
         """JSON-able description from which the kind's builder makes an empty module of this shape."""
         raise NotImplementedError
+
+
+class WrappingExperts(CameraExperts):
+    """A camera_pl experts module around another experts module (``base``), whose micro-experts it keeps.
+
+    Sizes, kept channels, device and dtype are the base's; the spec records the base's kind
+    so that loading rebuilds it first.
+    """
+
+    def __init__(self, base: nn.Module):
+        view = as_experts(base)
+        super().__init__(view, view.num_experts)
+        self.base = base
+
+    @property
+    def base_experts(self) -> Experts:
+        return as_experts(self.base)
+
+    def widths(self) -> torch.Tensor:
+        return self.base_experts.widths()
+
+    def channels(self, e: int) -> torch.Tensor:
+        return self.base_experts.channels(e)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_experts.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_experts.dtype
+
+    def base_spec(self) -> dict | None:
+        """``{kind, spec}`` of the base where it is a camera_pl module (None for transformers' fused experts)."""
+        base = self.base
+        return {"kind": base.kind, "spec": base.spec()} if isinstance(base, CameraExperts) else None
