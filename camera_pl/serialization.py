@@ -122,8 +122,6 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
         raise CheckpointError(
             f"{path} does not match its config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
         )
-    if dtype is not None:
-        model = model.to(dtype)
     model.tie_weights()
     return model.eval()
 

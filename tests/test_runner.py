@@ -1,5 +1,6 @@
 """Every recipe in recipes/ runs end to end (shortened), with run-directory outputs and resume."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,9 +20,7 @@ SHORT = {"evaluate": {"examples": 8}, "stats": {"max_tokens": 512}, "recover": {
 def short(path: Path):
     recipe = load_recipe(path, ["data.max_documents=24", "data.calib_batches=2", "data.eval_batches=2",
                                 "data.batch_size=4", "accelerator=cpu"])
-    for kind, step in recipe.steps:
-        for key, value in SHORT.get(kind, {}).items():
-            setattr(step, key, value)
+    recipe.steps = [(kind, dataclasses.replace(step, **SHORT.get(kind, {}))) for kind, step in recipe.steps]
     return recipe
 
 

@@ -15,6 +15,7 @@ Register a new architecture with :func:`register_adapter`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -227,7 +228,20 @@ class MoELayer:
             "intermediate_size": self.intermediate_size,
             "hidden_size": self.hidden_size,
             "shared_intermediate_size": self.shared_intermediate_size,
+            "widths": self.experts.widths().tolist(),
         }
+
+    def fingerprint(self) -> str:
+        """A cheap hash of a few sampled weights (router rows, two rows of the first and last expert)."""
+        digest = hashlib.sha1()
+        experts = self.experts
+        samples = [self.router.weight[:2]] if isinstance(getattr(self.router, "weight", None), torch.Tensor) else []
+        for e in (0, self.num_experts - 1):
+            w = experts.weights(e)
+            samples += [w.up[:2], w.down[:2]]
+        for t in samples:
+            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -276,9 +290,11 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def model_signature(model: nn.Module) -> dict:
-    """What a compatible model must match: architecture and per-layer shapes."""
+    """What a compatible model must match: architecture, per-layer shapes and kept widths, and a weight fingerprint."""
+    layers = moe_layers(model)
     return {
         "model_type": model.config.model_type,
         "model_class": type(model).__name__,
-        "layers": [layer.signature() for layer in moe_layers(model)],
+        "layers": [layer.signature() for layer in layers],
+        "fingerprint": [layer.fingerprint() for layer in layers],
     }

@@ -29,8 +29,8 @@ class MicroExpertStatsCallback(pl.Callback):
     def __init__(self, every_n_epochs: int = 1, max_tokens: int | None = None, log: bool = True):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
-        if max_tokens is not None and max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive or None, got {max_tokens}.")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0):
+            raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
         self.every_n_epochs = every_n_epochs
         self.max_tokens = max_tokens
         self.log = log

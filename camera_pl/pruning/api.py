@@ -167,7 +167,7 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
         for group in groups:
             if config.sequential:
                 stats = collect_stats(model, calib_dataloader, max_tokens=config.max_tokens)
-            scores = stats.scores(config.method, **config.score_kwargs())
+            scores = stats.scores(config.method, model=model, **config.score_kwargs())
             keeps = allocation.fn({l.index: scores[l.index] for l in group}, {l.index: _present(l) for l in group},
                                   config)
             for layer in group:  # every layer must stay routable before any is edited
@@ -189,7 +189,7 @@ def _prune_experts(model: nn.Module, layers: list[MoELayer], stats: MicroExpertS
         inputs = cache_layer_inputs(model, layers, calib_dataloader, config.max_tokens or 4096)
         keeps = naee_keep(layers, inputs, int(round(config.ratio * layers[0].num_experts)))
     else:
-        scores = stats.scores(config.method, **config.score_kwargs())
+        scores = stats.scores(config.method, model=model, **config.score_kwargs())
         keeps = {layer.index: expert_level_keep(scores[layer.index], config.ratio) for layer in layers}
     for layer in layers:
         check_expert_count(layer, int(keeps[layer.index].sum()))

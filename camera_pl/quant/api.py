@@ -219,7 +219,7 @@ def _scores(model: nn.Module, stats, config: QuantizeConfig) -> tuple[dict | Non
     stats.check_compatible(model)
     r = config.reduce_ratio
     energy = {i: (1 - r) * s["sq_sum"] + r * s["sq_max"] for i, s in stats.layers.items()}
-    return stats.scores("camera", reduce_ratio=r), energy
+    return stats.scores("camera", model=model, reduce_ratio=r), energy
 
 
 def _allocate(layer, config: QuantizeConfig, stats, scores, energy, inputs) -> LayerBits:

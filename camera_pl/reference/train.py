@@ -160,6 +160,7 @@ def config_summary(config: Qwen3MoeConfig) -> dict[str, int]:
 def save_bf16(model: Qwen3MoeForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
     """Write config.json, model.safetensors (bf16) and tokenizer files to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False  # the aux loss is for training; batched generate breaks on it
     model.to(torch.bfloat16).save_pretrained(out)
     model.to(torch.float32)
     tokenizer.save_pretrained(out)

@@ -53,6 +53,20 @@ def weight_norms(layer: MoELayer) -> dict[str, torch.Tensor]:
     return norms
 
 
+def check_finite(index: int, entry: dict[str, torch.Tensor]) -> None:
+    """Raise naming the layer, the statistic and the experts where a statistic is NaN or infinite."""
+    for name, value in entry.items():
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            where = ""
+            if value.dim() >= 1 and not name.startswith("shared") and name != "ratio_hist":
+                experts = bad.reshape(value.shape[0], -1).any(1).nonzero().flatten().tolist()
+                where = f", experts {experts[:8]}{'...' if len(experts) > 8 else ''}"
+            raise ValueError(f"MoE layer {index}: statistic {name!r} is not finite{where}. The model's weights or "
+                             "activations hold NaN or inf there (check the checkpoint, e.g. torch.isfinite on those "
+                             "experts' weights, and the dtype's range); no pruning or quantization decision can use it.")
+
+
 @dataclass
 class MicroExpertStats:
     """Micro-expert statistics of every MoE layer of one model.
@@ -78,27 +92,42 @@ class MicroExpertStats:
         for layer in moe_layers(model):
             entry = {name: states[f"l{layer.index}_{name}"] for name in STATE_LAYOUT}
             entry.update(weight_norms(layer))
+            check_finite(layer.index, entry)
             layers[layer.index] = entry
         return cls(model_signature(model), layers, int(states["tokens"].item()), dict(meta or {}))
 
     # ---- queries ----------------------------------------------------------------------
-    def check_compatible(self, model: nn.Module) -> None:
-        """Raise :class:`StatsMismatchError` naming the difference if ``model`` is not the stats' model."""
-        theirs = model_signature(model)
-        if theirs == self.signature:
-            return
-        mine = self.signature
+    def check_compatible(self, model: nn.Module, same_weights: bool = False) -> None:
+        """Raise :class:`StatsMismatchError` naming the difference if these statistics do not describe ``model``.
+
+        Architecture and shapes must match; every expert of ``model`` may keep at most the
+        micro-experts it had when the statistics were collected (statistics of a model may prune
+        it further, not the reverse). With ``same_weights``, the weight fingerprint must match
+        too (a file of statistics loaded for a model).
+        """
+        mine, theirs = self.signature, model_signature(model)
+        diffs = []
         if mine["model_type"] != theirs["model_type"] or mine["model_class"] != theirs["model_class"]:
-            what = f"{mine['model_class']} ({mine['model_type']}) vs {theirs['model_class']} ({theirs['model_type']})"
+            diffs.append(f"{mine['model_class']} ({mine['model_type']}) vs {theirs['model_class']} "
+                         f"({theirs['model_type']})")
+        elif len(mine["layers"]) != len(theirs["layers"]):
+            diffs.append(f"{len(mine['layers'])} MoE layers in stats vs {len(theirs['layers'])} in model")
         else:
-            diffs = [f"layer {a['index']}: stats {a} vs model {b}" for a, b in zip(mine["layers"], theirs["layers"]) if a != b]
-            if len(mine["layers"]) != len(theirs["layers"]):
-                diffs.insert(0, f"{len(mine['layers'])} MoE layers in stats vs {len(theirs['layers'])} in model")
-            what = "; ".join(diffs[:3])
-        raise StatsMismatchError(
-            f"These statistics were collected on a different model ({what}). "
-            "Collect statistics on this model with camera_pl.collect_stats(model, dataloader)."
-        )
+            for a, b in zip(mine["layers"], theirs["layers"]):
+                shape_a = {k: v for k, v in a.items() if k != "widths"}
+                shape_b = {k: v for k, v in b.items() if k != "widths"}
+                if shape_a != shape_b:
+                    diffs.append(f"layer {a['index']}: stats {shape_a} vs model {shape_b}")
+                elif any(w_model > w_stats for w_stats, w_model in zip(a.get("widths", []), b["widths"])):
+                    diffs.append(f"layer {a['index']}: the statistics come from a more pruned model (expert widths "
+                                 f"{a.get('widths')} vs the model's {b['widths']})")
+            if same_weights and not diffs and mine.get("fingerprint") != theirs["fingerprint"]:
+                diffs.append("same shapes, other weights (the weight fingerprints differ)")
+        if diffs:
+            raise StatsMismatchError(
+                f"These statistics were collected on a different model ({'; '.join(diffs[:3])}). "
+                "Collect statistics on this model with camera_pl.collect_stats(model, dataloader)."
+            )
 
     def scores(self, method: str = "camera", model: nn.Module | None = None, **kwargs) -> dict[int, LayerScores]:
         """Per-layer scores by a registered method (see :mod:`camera_pl.stats.scores`).
@@ -163,9 +192,11 @@ class MicroExpertStats:
         for key, tensor in tensors.items():
             _, index, name = key.split(".", 2)
             layers.setdefault(int(index), {})[name] = tensor
+        for index, entry in layers.items():
+            check_finite(index, entry)
         stats = cls(header["signature"], dict(sorted(layers.items())), int(header["tokens"]), header.get("meta", {}))
         if model is not None:
-            stats.check_compatible(model)
+            stats.check_compatible(model, same_weights=True)
         return stats
 
 
@@ -186,8 +217,8 @@ def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None
     count. Stops after the batch that reaches ``max_tokens`` unpadded tokens. The model is
     run in eval mode without gradients; its train/eval mode is restored afterwards.
     """
-    if max_tokens is not None and max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive or None, got {max_tokens}.")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -111,7 +111,7 @@ class LayerObserver:
         if top_k_weights.shape[1] >= 2:
             top2 = top_k_weights.float().topk(2, dim=-1).values
             ratio = top2[:, 1] / top2[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
-            bins = (ratio.clamp(0, 1) * RATIO_BINS).long().clamp(max=RATIO_BINS - 1)
+            bins = (ratio.nan_to_num(0.0).clamp(0, 1) * RATIO_BINS).long().clamp(0, RATIO_BINS - 1)
             self._state("ratio_hist").index_add_(0, bins, mask.float())
 
     def on_router_output(self, module: nn.Module, args: tuple, output: tuple) -> None:
