@@ -108,9 +108,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
         state = load_file(str(path / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} holds an unreadable config or weights file ({err}).") from err
-    info = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None
-    if info is not None and info.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / MANIFEST} has format version {info.get('version')}; expected {FORMAT_VERSION}.")
+    info = _read_manifest(path / MANIFEST) if (path / MANIFEST).exists() else None
     saved_dtype = getattr(torch, info["dtype"].split(".")[-1]) if info else None
     with no_init_weights():  # every tensor is overwritten from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype or config.dtype)
@@ -124,6 +122,33 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
         )
     model.tie_weights()
     return model.eval()
+
+
+def _read_manifest(path: Path) -> dict:
+    """camera_pl.json, checked: version, dtype and one entry per MoE layer with the keys ``apply_structure`` reads."""
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the directory was not written completely by "
+                              "camera_pl.save. Save the model again.") from None
+    if not isinstance(info, dict) or info.get("version") != FORMAT_VERSION:
+        version = info.get("version") if isinstance(info, dict) else None
+        raise CheckpointError(f"{path} has format version {version}; expected {FORMAT_VERSION}. Save the model again "
+                              "with this camera_pl version.")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype.split(".")[-1], None), torch.dtype):
+        raise CheckpointError(f"{path}: 'dtype' is {dtype!r}, not a torch dtype such as 'torch.bfloat16'.")
+    layers = info.get("layers")
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{path}: 'layers' is missing; it records each MoE layer's structure.")
+    for index, entry in layers.items():
+        needed = ["num_experts", "shared_intermediate_size"] + (["experts"] if "experts" in entry else
+                                                                ["intermediate_size"])
+        missing = [k for k in needed if k not in entry]
+        if missing:
+            raise CheckpointError(f"{path}: MoE layer {index} lacks {missing}; the file is damaged. Save the model "
+                                  "again.")
+    return info
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:

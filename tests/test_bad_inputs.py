@@ -147,3 +147,49 @@ def test_statistics_of_another_model_are_refused(tmp_path):
         prune(model, stats_of(pruned), 0.4)  # statistics of a pruned model do not describe the dense one
     with pytest.raises(camera_pl.StatsMismatchError, match="different model"):
         apply_odp(model, stats_of(tiny_moe("mixtral")))
+
+
+def test_unaligned_fused_widths_are_refused():
+    model = tiny_moe("qwen3_moe")  # expert width 16: 40% leaves 10 (40 bytes in float32) with width_multiple=1
+    with pytest.raises(ValueError, match="width_multiple of 4"):
+        prune(model, stats_of(model), 0.4, allocation="expert", width_multiple=1)
+    prune(model, stats_of(model), 0.4, allocation="expert", width_multiple=4)
+    model(**BATCHES[0])  # transformers' default grouped GEMM runs on the result
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    (lambda m: m.write_text("{not json"), "not valid JSON"),
+    (lambda m: m.write_text(m.read_text().replace('"num_experts"', '"num_expert"')), r"lacks \['num_experts'\]"),
+    (lambda m: m.write_text(m.read_text().replace('"torch.float32"', '"torch.float99"')), "not a torch dtype"),
+])
+def test_damaged_manifest_is_named(tmp_path, damage, phrase):
+    model = tiny_moe("qwen3_moe")
+    prune(model, stats_of(model), 0.3)
+    path = camera_pl.save(model, tmp_path / "m")
+    damage(path / "camera_pl.json")
+    with pytest.raises(camera_pl.CheckpointError, match=f"camera_pl.json.*{phrase}|{phrase}"):
+        camera_pl.load(path)
+
+
+@pytest.mark.parametrize("override, phrase", [
+    ("model.dtype=float99", "float99.*choose one of"),
+    ("data.eval_batches=0", "eval_batches=0: must be a positive integer"),
+    ("data.batch_size=[1", "not valid YAML"),
+    ("data.batch_size.x=1", "which has no options"),
+    ("steps.0.stats.max_tokens=-3", "that step is 'evaluate', not 'stats'"),
+    ("steps.1.stats.max_tokens=-3", "max_tokens"),
+])
+def test_recipe_values_are_validated_up_front(override, phrase):
+    from camera_pl.workflows.recipe import RecipeError, load_recipe
+
+    path = __import__("pathlib").Path(__file__).parent.parent / "recipes" / "compress_recover.yaml"
+    with pytest.raises(RecipeError, match=phrase):
+        load_recipe(path, [override])
+
+
+def test_missing_model_directory_is_not_looked_up_on_the_hub(tmp_path):
+    from camera_pl.workflows.recipe import ModelSpec
+    from camera_pl.workflows.runner import load_model
+
+    with pytest.raises(FileNotFoundError, match="No model directory"):
+        load_model(ModelSpec(name=str(tmp_path / "nonexistent")))

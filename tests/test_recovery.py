@@ -80,3 +80,16 @@ def test_recovery_lowers_validation_loss_of_pruned_reference_model():
     pruned = perplexity(model, val)
     model = recover(model, list(itertools.islice(dm.train_dataloader(), 40)), steps=40, lr=3e-4, accelerator="cpu")
     assert perplexity(model, val) < pruned
+
+
+def test_recovery_inside_fit_continues_the_lr_schedule():
+    """LoRA start and merge rebuild the optimizer, but the warmup schedule is never restarted."""
+    loader = torch.utils.data.DataLoader(samples(), batch_size=2)
+    module = CausalLMModule(tiny_moe("qwen3_moe"), lr=1e-3, warmup_steps=20)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=3, num_sanity_val_steps=0,
+                         callbacks=[MicroExpertStatsCallback(), CameraPruning({1: 0.3}), LoRARecovery(rank=2, steps=2)],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == trainer.global_step == 9
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 10 / 20)  # warmup step 10 of 20, not restarted

@@ -170,8 +170,10 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
             scores = stats.scores(config.method, model=model, **config.score_kwargs())
             keeps = allocation.fn({l.index: scores[l.index] for l in group}, {l.index: _present(l) for l in group},
                                   config)
-            for layer in group:  # every layer must stay routable before any is edited
+            for layer in group:  # every layer must stay routable (and fused widths aligned) before any is edited
                 check_expert_count(layer, int((keeps[layer.index][0].sum(1) > 0).sum()))
+                if allocation.fused:
+                    _check_fused_width(layer, int(keeps[layer.index][0].sum(1).max()))
             for layer in group:
                 reports[layer.index].experts_removed = _apply_micro(layer, *keeps[layer.index], fused=allocation.fused)
     layers = moe_layers(model)
@@ -180,6 +182,15 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
         r.widths_after, r.shared_after, r.params_after = _widths(layer), layer.shared_intermediate_size, expert_params(layer)
     _update_config(model, layers)
     return PruneReport(config.method, config.allocation, config.ratio, [reports[l.index] for l in layers])
+
+
+def _check_fused_width(layer: MoELayer, width: int) -> None:
+    """Grouped GEMM kernels (transformers' default on CPU and CUDA) need 16-byte aligned expert widths."""
+    size = torch.empty((), dtype=layer.experts.dtype).element_size()
+    if (width * size) % 16:
+        raise ValueError(f"MoE layer {layer.index}: experts {width} wide are not 16-byte aligned in "
+                         f"{layer.experts.dtype}, which transformers' grouped GEMM kernels need; use a width_multiple "
+                         f"of {16 // size} (the default 8 works for every dtype) or allocation='layer'.")
 
 
 def _prune_experts(model: nn.Module, layers: list[MoELayer], stats: MicroExpertStats | None, config: PruneConfig,

@@ -39,10 +39,17 @@ class RecipeError(ValueError):
     """A recipe file or override is invalid; the message names the key and the line."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelSpec:
     name: str = "reference"  # "reference", "tiny:<model_type>", a local directory or a hub name
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}.")
 
 
 @dataclass
@@ -56,6 +63,12 @@ class DataSpec:
     calib_batches: int = 16
     eval_batches: int = 16
     train_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "batch_size", "calib_batches", "eval_batches", "max_documents", "train_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name}={value!r}: must be a positive integer.")
 
 
 class StepSpec:
@@ -87,6 +100,10 @@ class StatsStep(StepSpec):
     installs_hooks: ClassVar[bool] = False
 
     max_tokens: int | None = 20000
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"stats.max_tokens={self.max_tokens!r}: must be a positive integer or null.")
 
 
 @dataclass(frozen=True)
@@ -326,15 +343,27 @@ def apply_override(data: dict, assignment: str) -> None:
     key, raw = assignment.split("=", 1)
     parts = key.split(".")
     target: Any = data
+    in_step = False
     for part in parts[:-1]:
         if isinstance(target, list):
             if not part.isdigit() or int(part) >= len(target):
                 raise RecipeError(f"--set {key}: '{part}' is not a valid index into a list of {len(target)}.")
-            target = target[int(part)]
-        else:
+            target, in_step = target[int(part)], True
+            continue
+        if in_step and isinstance(target, dict) and len(target) == 1 and part not in target:
+            raise RecipeError(f"--set {key}: that step is '{next(iter(target))}', not '{part}'; check the step index.")
+        in_step = False
+        if isinstance(target, dict):
             target = target.setdefault(part, {})
+        else:
+            raise RecipeError(f"--set {key}: '{part}' holds the value {target!r}, which has no options.")
+    if not isinstance(target, (dict, list)):
+        raise RecipeError(f"--set {key}: '{parts[-2]}' holds the value {target!r}, which has no options.")
     last = parts[-1]
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {key}: the value {raw!r} is not valid YAML ({str(err).splitlines()[0]}).") from None
     if isinstance(target, list):
         raise RecipeError(f"--set {key}: cannot replace a whole step; set one of its options.")
     target[last] = value

@@ -76,7 +76,11 @@ def load_model(spec, log: Callable[[str], None] = print) -> tuple[nn.Module, Any
         return reference_model(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(spec.name)
+    path = Path(spec.name).expanduser()
+    looks_local = spec.name.startswith(("/", ".", "~")) or spec.name.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"No model directory at {spec.name}: give a directory written by camera_pl.save or "
+                                "save_pretrained, 'reference', or a hub name such as 'org/model'.")
     if (path / "camera_pl.json").exists():
         from camera_pl.serialization import load
 
