@@ -144,7 +144,7 @@ class _LayerRule:
         self.threshold = threshold
         self.protect_ratio = protect_ratio
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.params = layer.experts.parameter_counts()
+        self._params: tuple[tuple, torch.Tensor] | None = None  # (widths key, counts) of the experts as they are now
         self.totals: torch.Tensor | None = None  # tokens, slots, skipped, protected, full/active params
 
     def on_attention(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
@@ -192,13 +192,20 @@ class _LayerRule:
         """Add this call to the totals, on the routing's device (counting never synchronises)."""
         device = index.device
         if self.totals is None or self.totals.device != device:
-            self.params = self.params.to(device)
             self.totals = torch.zeros(6, dtype=torch.float64, device=device)
-        params = self.params[index]
+        params = self._parameter_counts(device)[index]
         sizes = torch.tensor([index.shape[0], index.numel()], dtype=torch.float64, device=device)
         n_protected = protected.sum() if protected is not None else torch.zeros((), device=device)
         counts = torch.stack([(~keep).sum(), n_protected, params.sum(), (params * keep).sum()]).double()
         self.totals += torch.cat([sizes, counts])
+
+    def _parameter_counts(self, device: torch.device) -> torch.Tensor:
+        """Weight elements per expert of the layer's experts *now* (they may be pruned while ODP is installed)."""
+        experts = self.layer.experts
+        key = (id(experts.module), tuple(experts.widths().tolist()), str(device))
+        if self._params is None or self._params[0] != key:
+            self._params = (key, experts.parameter_counts().to(device))
+        return self._params[1]
 
     def usage(self) -> LayerUsage:
         t = self.totals.tolist() if self.totals is not None else [0.0] * 6

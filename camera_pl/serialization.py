@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from camera_pl.arch.adapters import moe_layers
+from camera_pl.checksum import tensors_digest
 from camera_pl.experts import kinds
 from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_shared
 
@@ -90,7 +91,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
         tensors[name] = tensor.detach().contiguous().cpu()
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
     info = {"version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype),
-            "layers": describe_structure(model)}
+            "layers": describe_structure(model), "checksum": tensors_digest(tensors)}
     (path / MANIFEST).write_text(json.dumps(info, indent=1))
     return path
 
@@ -109,6 +110,9 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} holds an unreadable config or weights file ({err}).") from err
     info = _read_manifest(path / MANIFEST) if (path / MANIFEST).exists() else None
+    if info is not None and info.get("checksum") != tensors_digest(state):
+        raise CheckpointError(f"{path / WEIGHTS} does not match the checksum recorded in {MANIFEST}: its bytes were "
+                              "changed or damaged after camera_pl.save. Save the model again.")
     saved_dtype = getattr(torch, info["dtype"].split(".")[-1]) if info else None
     with no_init_weights():  # every tensor is overwritten from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype or config.dtype)

@@ -193,3 +193,31 @@ def test_missing_model_directory_is_not_looked_up_on_the_hub(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="No model directory"):
         load_model(ModelSpec(name=str(tmp_path / "nonexistent")))
+
+
+def test_damaged_payload_bytes_are_detected(tmp_path):
+    model = tiny_moe("qwen3_moe")
+    stats = stats_of(model)
+    for path, load, error in ((camera_pl.save(model, tmp_path / "m") / "model.safetensors", camera_pl.load,
+                               camera_pl.CheckpointError),
+                              (stats.save(tmp_path / "s.safetensors"), camera_pl.MicroExpertStats.load,
+                               camera_pl.StatsMismatchError)):
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x40  # one bit of the last tensor's payload
+        path.write_bytes(bytes(data))
+        with pytest.raises(error, match="checksum"):
+            load(path.parent if path.name == "model.safetensors" else path)
+
+
+def test_odp_usage_follows_pruning_while_installed():
+    model = tiny_moe("qwen3_moe")
+    stats = stats_of(model)
+    handle = apply_odp(model, stats, protect_ratio=0.0)
+    model(**BATCHES[0])
+    _, full_dense = handle.activated_params_per_token()
+    prune(model, stats, 0.5)
+    handle.reset()
+    model(**BATCHES[0])
+    _, full_pruned = handle.activated_params_per_token()
+    assert full_pruned < 0.6 * full_dense  # the counts are of the pruned experts
+    handle.remove()

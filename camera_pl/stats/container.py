@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from camera_pl.arch.adapters import MoELayer, model_signature, moe_layers
+from camera_pl.checksum import tensors_digest
 from camera_pl.stats.observation import RATIO_BINS, STATE_LAYOUT, StatsAccumulator, observe
 from camera_pl.stats.scores import LayerScores, compute_scores
 
@@ -167,7 +168,7 @@ class MicroExpertStats:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"layers.{i}.{n}": t.detach().cpu().contiguous() for i, e in self.layers.items() for n, t in e.items()}
         header = {"format": "camera_pl.MicroExpertStats", "version": FORMAT_VERSION, "signature": self.signature,
-                  "tokens": self.tokens, "meta": self.meta}
+                  "tokens": self.tokens, "meta": self.meta, "checksum": tensors_digest(tensors)}
         save_file(tensors, str(path), metadata={"camera_pl": json.dumps(header)})
         return path
 
@@ -188,6 +189,9 @@ class MicroExpertStats:
         header = json.loads(raw)
         if header.get("version") != FORMAT_VERSION:
             raise StatsMismatchError(f"{path} has statistics format version {header.get('version')}; expected {FORMAT_VERSION}.")
+        if header.get("checksum") != tensors_digest(tensors):
+            raise StatsMismatchError(f"{path}: the statistics do not match the checksum in the file's header (damaged "
+                                     "or edited bytes). Collect the statistics again.")
         layers: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             _, index, name = key.split(".", 2)
