@@ -267,3 +267,21 @@ def test_layer_allocation_at_extreme_ratios_fails_clearly_or_removes_experts(rat
         return
     report = prune(model, stats, ratio, allow_expert_removal=True)
     assert all(layer.experts_removed for layer in report.layers)
+
+
+@pytest.mark.parametrize("allocation", ["expert", "layer"])
+def test_ratios_refer_to_the_original_model_across_calls_and_reloads(allocation, tmp_path):
+    """prune(0.25) then prune(0.5) leaves what prune(0.5) alone leaves, also for shrunk fused and shared experts."""
+    batches = [make_batch(0), make_batch(1)]
+    once, twice = tiny_moe("qwen2_moe"), tiny_moe("qwen2_moe")
+    prune(once, collect_stats(once, batches), 0.5, allocation=allocation)
+    prune(twice, collect_stats(twice, batches), 0.25, allocation=allocation)
+    twice = camera_pl.load(camera_pl.save(twice, tmp_path / "m"))  # the original sizes travel in the config
+    prune(twice, collect_stats(twice, batches), 0.5, allocation=allocation)
+
+    def sizes(model):
+        return [(int(l.experts.widths().sum()), l.shared_intermediate_size) for l in moe_layers(model)]
+
+    assert [sum(s) for s in sizes(twice)] == [sum(s) for s in sizes(once)]
+    if allocation == "expert":
+        assert sizes(twice) == sizes(once) == [(8 * 8, 12), (8 * 8, 12)]

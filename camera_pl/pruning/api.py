@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,6 +34,7 @@ from camera_pl.pruning.allocation import ALLOCATIONS, expert_level_keep
 from camera_pl.pruning.config import CALIBRATED_METHODS, PruneConfig
 from camera_pl.pruning.naee import cache_layer_inputs, naee_keep
 from camera_pl.stats.container import MicroExpertStats, collect_stats
+from camera_pl.stats.scores import LayerScores
 from camera_pl.pruning.surgery import check_expert_count, remove_experts, shrink_fused, shrink_shared, to_ragged
 
 
@@ -95,6 +98,43 @@ def _present(layer: MoELayer) -> torch.Tensor:
     return mask
 
 
+ORIGINAL_SIZES = "camera_pl_original_sizes"
+"""Config key recording each MoE layer's original (expert width, shared width), so ratios stay relative to them."""
+
+
+def _original_sizes(model: nn.Module, layers: list[MoELayer]) -> dict[int, tuple[int, int]]:
+    """Each layer's original (expert width, shared width): as recorded in the config, or its current sizes."""
+    recorded = getattr(model.config, ORIGINAL_SIZES, None) or {}
+    sizes = {layer.index: tuple(recorded.get(str(layer.index), (layer.intermediate_size,
+                                                                 layer.shared_intermediate_size)))
+             for layer in layers}
+    return sizes
+
+
+def _in_original_sizes(layer: MoELayer, scores: LayerScores, original: tuple[int, int]
+                       ) -> tuple[LayerScores, torch.Tensor]:
+    """Scores and the presence mask padded to the original widths: micro-experts already removed from fused or shared
+    experts reappear as absent (score -inf), so every allocation counts its ratio against the original model."""
+    present = _present(layer)
+    width, shared_width = original
+    missing = width - present.shape[1]
+    routed = scores.routed
+    if missing > 0:
+        present = torch.nn.functional.pad(present, (0, missing), value=False)
+        routed = torch.nn.functional.pad(routed.double(), (0, missing), value=-math.inf)
+    shared = scores.shared
+    if shared is not None and shared_width > shared.numel():
+        shared = torch.nn.functional.pad(shared.double(), (0, shared_width - shared.numel()), value=-math.inf)
+    return LayerScores(scores.level, routed, shared), present
+
+
+def _current_part(layer: MoELayer, keep: torch.Tensor, shared_keep: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep-masks back in the layer's current index space (padding dropped)."""
+    keep = keep[:, :layer.intermediate_size]
+    return keep, None if shared_keep is None else shared_keep[:layer.shared_intermediate_size]
+
+
 def _apply_micro(layer: MoELayer, keep: torch.Tensor, shared_keep: torch.Tensor | None, fused: bool) -> list[int]:
     """Edit the layer; returns the experts removed entirely (allowed only with allow_expert_removal)."""
     if shared_keep is not None and not bool(shared_keep.all()):
@@ -156,6 +196,7 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
                              "or sequential=True with calib_dataloader.")
         stats.check_compatible(model)
 
+    originals = _original_sizes(model, layers)
     reports = {layer.index: LayerPruneReport(layer.index, _widths(layer), _widths(layer), layer.shared_intermediate_size,
                                              layer.shared_intermediate_size, params_before=expert_params(layer))
                for layer in layers}
@@ -168,8 +209,9 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
             if config.sequential:
                 stats = collect_stats(model, calib_dataloader, max_tokens=config.max_tokens)
             scores = stats.scores(config.method, model=model, **config.score_kwargs())
-            keeps = allocation.fn({l.index: scores[l.index] for l in group}, {l.index: _present(l) for l in group},
-                                  config)
+            padded = {l.index: _in_original_sizes(l, scores[l.index], originals[l.index]) for l in group}
+            keeps = allocation.fn({i: v[0] for i, v in padded.items()}, {i: v[1] for i, v in padded.items()}, config)
+            keeps = {l.index: _current_part(l, *keeps[l.index]) for l in group}
             for layer in group:  # every layer must stay routable (and fused widths aligned) before any is edited
                 check_expert_count(layer, int((keeps[layer.index][0].sum(1) > 0).sum()))
                 if allocation.fused:
@@ -181,6 +223,7 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
         r = reports[layer.index]
         r.widths_after, r.shared_after, r.params_after = _widths(layer), layer.shared_intermediate_size, expert_params(layer)
     _update_config(model, layers)
+    setattr(model.config, ORIGINAL_SIZES, {str(i): list(v) for i, v in originals.items()})
     return PruneReport(config.method, config.allocation, config.ratio, [reports[l.index] for l in layers])
 
 
