@@ -93,6 +93,7 @@ def test_non_dict_batches_are_rejected():
         MicroExpertStatsCallback(every_n_epochs=0)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
     """gloo DDP on CPU: states reduced by torchmetrics (sum/max) equal one process over all data."""
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -8,6 +8,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 REFERENCE = Path(__file__).parent.parent / "camera_pl" / "reference" / "weights" / "model.safetensors"
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(not REFERENCE.exists(), reason="reference weights not built")

@@ -64,6 +64,7 @@ def test_recovery_callback_after_scheduled_pruning():
         LoRARecovery(rnak=4)
 
 
+@pytest.mark.slow
 def test_recovery_lowers_validation_loss_of_pruned_reference_model():
     import itertools
 

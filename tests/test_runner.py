@@ -24,6 +24,7 @@ def short(path: Path):
     return recipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_runs(path, tmp_path):
     ctx = run_recipe(short(path), tmp_path / path.stem)
@@ -37,6 +38,7 @@ def test_recipe_runs(path, tmp_path):
         assert (run_dir / "analysis" / "analysis.md").exists() and (run_dir / "analysis" / "scores.png").exists()
 
 
+@pytest.mark.slow
 def test_resume_skips_completed_steps(tmp_path):
     recipe = short(ROOT / "recipes" / "compress_recover.yaml")
     run_dir = tmp_path / "run"
