@@ -11,8 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from camera_pl import collect_stats, prune
-from camera_pl.quant import allocate
+from camera_pl import allocate, collect_stats, prune
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
@@ -32,7 +31,7 @@ def kept_channels(model, original) -> set[tuple]:
     kept = set()
     for layer, ref in zip(moe_layers(model), moe_layers(original)):
         for e in range(ref.num_experts):
-            kept |= {(layer.index, e, j) for j in columns(ref.down(e), layer.down(e))}
+            kept |= {(layer.index, e, j) for j in columns(ref.experts.weights(e).down, layer.experts.weights(e).down)}
         if ref.shared is not None:
             shared = columns(ref.shared.down_proj.weight, layer.shared.down_proj.weight)
             kept |= {(layer.index, "shared", j) for j in shared}
