@@ -60,6 +60,9 @@ def test_cli_errors(tmp_path, capsys):
         main(["run", "nonexistent_recipe"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsteps:\n  - prune: {ratio: 2}\n  - bogus: {}\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml:3: 'prune': PruneStep.ratio=2: must lie in \[0.0, 1.0\)"):
+        main(["run", str(bad)])
+    bad.write_text("name: x\nsteps:\n  - prune: {ratio: 0.2}\n  - bogus: {}\n")
     with pytest.raises(SystemExit, match="bad.yaml:4: unknown step 'bogus'"):
         main(["run", str(bad)])
 
