@@ -221,3 +221,22 @@ def test_odp_usage_follows_pruning_while_installed():
     _, full_pruned = handle.activated_params_per_token()
     assert full_pruned < 0.6 * full_dense  # the counts are of the pruned experts
     handle.remove()
+
+
+def test_model_directory_without_its_tokenizer_is_refused(tmp_path):
+    from camera_pl.workflows.recipe import ModelSpec
+    from camera_pl.workflows.runner import load_model
+
+    model, _ = camera_pl.reference_model()
+    path = camera_pl.save(model, tmp_path / "no_tokenizer")
+    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's vocabulary is 4096"):
+        load_model(ModelSpec(name=str(path)))
+
+
+def test_damaged_statistics_header_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = stats_of(tiny_moe("qwen3_moe")).save(tmp_path / "s.safetensors")
+    save_file(load_file(str(path)), str(path), metadata={"camera_pl": "{broken"})
+    with pytest.raises(camera_pl.StatsMismatchError, match="s.safetensors: the camera_pl header is not valid JSON"):
+        camera_pl.MicroExpertStats.load(path)

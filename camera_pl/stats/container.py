@@ -186,7 +186,11 @@ class MicroExpertStats:
             raise StatsMismatchError(f"{path} is not a readable safetensors statistics file ({err}).") from err
         if raw is None:
             raise StatsMismatchError(f"{path} is a safetensors file but not camera_pl statistics (no 'camera_pl' header).")
-        header = json.loads(raw)
+        try:
+            header = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise StatsMismatchError(f"{path}: the camera_pl header is not valid JSON ({err}); the file is damaged. "
+                                     "Collect the statistics again.") from None
         if header.get("version") != FORMAT_VERSION:
             raise StatsMismatchError(f"{path} has statistics format version {header.get('version')}; expected {FORMAT_VERSION}.")
         if header.get("checksum") != tensors_digest(tensors):

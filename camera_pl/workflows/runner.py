@@ -84,9 +84,19 @@ def load_model(spec, log: Callable[[str], None] = print) -> tuple[nn.Module, Any
     if (path / "camera_pl.json").exists():
         from camera_pl.serialization import load
 
-        return load(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+        return _checked(load(path, dtype=dtype), AutoTokenizer.from_pretrained(path), spec.name)
     log(f"loading {spec.name} with transformers")
-    return AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype), AutoTokenizer.from_pretrained(spec.name)
+    return _checked(AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype),
+                    AutoTokenizer.from_pretrained(spec.name), spec.name)
+
+
+def _checked(model: nn.Module, tokenizer: Any, name: str) -> tuple[nn.Module, Any]:
+    """Refuse a tokenizer whose vocabulary does not fit the model (e.g. a directory without tokenizer files)."""
+    vocab, size = len(tokenizer), model.config.vocab_size
+    if vocab > size or vocab < size // 2:
+        raise ValueError(f"{name}: the tokenizer has {vocab} tokens but the model's vocabulary is {size}; the "
+                         "directory lacks the model's tokenizer files (save them with tokenizer.save_pretrained).")
+    return model, tokenizer
 
 
 def build_datamodule(spec, tokenizer):
@@ -419,11 +429,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: C
     state = json.loads(state_path.read_text()) if resuming else {"done": 0, "checkpoint": None}
     if resume and state["done"] and json.loads((run_dir / "recipe.json").read_text()) != recipe.to_dict():
         raise ValueError(f"{run_dir} was started with a different recipe; resume with the same recipe and --set values.")
+    torch.manual_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model, log)  # before anything is written: a bad name leaves no run dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict()))
-    torch.manual_seed(recipe.seed)
-    model, tokenizer = load_model(recipe.model, log)
     if state["checkpoint"]:
         from camera_pl.serialization import load
 
