@@ -178,6 +178,7 @@ def test_damaged_manifest_is_named(tmp_path, damage, phrase):
     ("data.batch_size.x=1", "which has no options"),
     ("steps.0.stats.max_tokens=-3", "that step is 'evaluate', not 'stats'"),
     ("steps.1.stats.max_tokens=-3", "max_tokens"),
+    ("steps.4.recover.steps=-5", r"RecoverStep.steps=-5: must lie in \[1, inf\]"),
 ])
 def test_recipe_values_are_validated_up_front(override, phrase):
     from camera_pl.workflows.recipe import RecipeError, load_recipe
@@ -193,6 +194,21 @@ def test_missing_model_directory_is_not_looked_up_on_the_hub(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="No model directory"):
         load_model(ModelSpec(name=str(tmp_path / "nonexistent")))
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["eval", "--model", "/nonexistent/model"], "camera-pl: No model directory at /nonexistent/model"),
+    (["analyze", "--model", "./typo"], "camera-pl: No model directory at ./typo"),
+    (["run", "compress_recover", "--set", "steps.2.prune.ratio=1.5"], "PruneStep.ratio=1.5"),
+    (["run", "no_such_recipe"], "no recipe file 'no_such_recipe'"),
+])
+def test_cli_bad_inputs_exit_with_a_message_and_leave_no_run_dir(argv, phrase, tmp_path, monkeypatch):
+    from camera_pl.workflows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=phrase):
+        main(argv + ["--out", str(tmp_path / "out")] if argv[0] != "run" or len(argv) > 2 else argv)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
 def test_damaged_payload_bytes_are_detected(tmp_path):

@@ -23,7 +23,10 @@ def _recipe_path(name: str) -> Path:
 
 def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
     from camera_pl.workflows.recipe import RecipeError, load_recipe
-    from camera_pl.workflows.runner import RunDirectoryError, run_recipe
+    from camera_pl.config import ConfigError
+    from camera_pl.serialization import CheckpointError
+    from camera_pl.stats.container import StatsMismatchError
+    from camera_pl.workflows.runner import ModelNotFoundError, RunDirectoryError, run_recipe
 
     try:
         recipe = load_recipe(_recipe_path(recipe_name), overrides)
@@ -33,7 +36,7 @@ def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
     print(f"camera-pl: running recipe {recipe.name!r} -> {run_dir}")
     try:
         return run_recipe(recipe, run_dir, resume=resume), run_dir
-    except RunDirectoryError as err:
+    except (RunDirectoryError, ModelNotFoundError, ConfigError, CheckpointError, StatsMismatchError) as err:
         raise SystemExit(f"camera-pl: {err}") from None
 
 

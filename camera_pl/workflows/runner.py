@@ -44,6 +44,10 @@ STATS = "stats.safetensors"
 RNG = "rng_state.pt"
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A recipe's ``model.name`` is neither a model directory nor a loadable hub name."""
+
+
 class RunDirectoryError(FileExistsError):
     """The run directory holds an earlier run and the run was not asked to resume it."""
 
@@ -79,15 +83,20 @@ def load_model(spec, log: Callable[[str], None] = print) -> tuple[nn.Module, Any
     path = Path(spec.name).expanduser()
     looks_local = spec.name.startswith(("/", ".", "~")) or spec.name.count("/") > 1
     if looks_local and not path.is_dir():
-        raise FileNotFoundError(f"No model directory at {spec.name}: give a directory written by camera_pl.save or "
-                                "save_pretrained, 'reference', or a hub name such as 'org/model'.")
+        raise ModelNotFoundError(f"No model directory at {spec.name}: give a directory written by camera_pl.save or "
+                                 "save_pretrained, 'reference', or a hub name such as 'org/model'.")
     if (path / "camera_pl.json").exists():
         from camera_pl.serialization import load
 
         return _checked(load(path, dtype=dtype), AutoTokenizer.from_pretrained(path), spec.name)
     log(f"loading {spec.name} with transformers")
-    return _checked(AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype),
-                    AutoTokenizer.from_pretrained(spec.name), spec.name)
+    try:
+        return _checked(AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype),
+                        AutoTokenizer.from_pretrained(spec.name), spec.name)
+    except OSError as err:  # transformers' answer for a name that is neither a directory nor a reachable hub repo
+        raise ModelNotFoundError(f"Cannot load model {spec.name!r}: it is not a local directory, and loading it as a "
+                                 f"hub name failed ({str(err).splitlines()[0]}). Give a model directory, "
+                                 "'reference', or a hub name reachable from this machine.") from None
 
 
 def _checked(model: nn.Module, tokenizer: Any, name: str) -> tuple[nn.Module, Any]:
