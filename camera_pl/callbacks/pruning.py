@@ -9,7 +9,7 @@ import torch
 
 from camera_pl.callbacks.stats import latest_stats
 from camera_pl.config import ConfigError
-from camera_pl.lightning.structure import (CompressionEvent, find_moe_model, log_event, record_structure,
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, find_moe_model, log_event,
                                            structure_changed)
 from camera_pl.pruning.api import PruneReport, prune
 from camera_pl.pruning.config import PruneConfig
@@ -18,7 +18,7 @@ from camera_pl.stats.container import collect_stats
 Schedule = dict[int, float] | Callable[[int], float | None]
 
 
-class CameraPruning(pl.Callback):
+class CameraPruning(ChangesStructure):
     """Prune at the start of scheduled training epochs, then let training continue.
 
     Args:
@@ -88,6 +88,3 @@ class CameraPruning(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.current_ratio = state_dict["current_ratio"]
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        record_structure(checkpoint, find_moe_model(pl_module))

@@ -27,7 +27,7 @@ import torch
 
 from camera_pl.callbacks.stats import latest_stats
 from camera_pl.config import ConfigError
-from camera_pl.lightning.structure import (CompressionEvent, find_moe_model, log_event, record_structure,
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, find_moe_model, log_event,
                                            structure_changed)
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.api import QuantReport, allocate, quantize
@@ -35,7 +35,7 @@ from camera_pl.quant.config import QuantizeConfig
 from camera_pl.quant.fake import end_fake_quantization, fake_allocation, fake_quantize
 
 
-class CameraQuantization(pl.Callback):
+class CameraQuantization(ChangesStructure):
     """Quantize the experts at a configured epoch, optionally after a fake-quantized (STE) phase.
 
     Args:
@@ -124,6 +124,3 @@ class CameraQuantization(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.phase = state_dict["phase"]
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        record_structure(checkpoint, find_moe_model(pl_module))

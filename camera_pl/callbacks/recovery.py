@@ -6,12 +6,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 
-from camera_pl.lightning.structure import (CompressionEvent, CompressionListener, log_event, record_structure,
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, CompressionListener, log_event,
                                            structure_changed)
 from camera_pl.lora import LoRAConfig, adaptable_experts, add_lora, merge_lora
 
 
-class LoRARecovery(pl.Callback, CompressionListener):
+class LoRARecovery(ChangesStructure, CompressionListener):
     """Recover with LoRA adapters after every compression event another callback publishes.
 
     When ``CameraPruning``, ``CameraQuantization`` (packing) or any callback publishing a
@@ -95,6 +95,3 @@ class LoRARecovery(pl.Callback, CompressionListener):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.recoveries, self._active_since = state_dict["recoveries"], state_dict["active_since"]
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        record_structure(checkpoint, pl_module.model)

@@ -108,6 +108,13 @@ def rebuild_optimizers(trainer: pl.Trainer) -> None:
             group["lr"] = lr
 
 
+class ChangesStructure(pl.Callback):
+    """Base of callbacks that change the model's structure: every checkpoint records the structure."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        record_structure(checkpoint, find_moe_model(pl_module))
+
+
 def record_structure(checkpoint: dict, model: nn.Module) -> None:
     """Write ``model``'s MoE structure (and active LoRA adapters) into a Lightning checkpoint."""
     checkpoint[STRUCTURE_KEY] = describe_structure(model)

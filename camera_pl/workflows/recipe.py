@@ -93,12 +93,19 @@ class StepSpec:
     installs_hooks: ClassVar[bool] = False
 
 
+def declares(*, changes_model: bool, checkpoint: bool, installs_hooks: bool):
+    """Class decorator: what a step does to the run (see :class:`StepSpec`), set on the step class itself."""
+
+    def mark(cls: type) -> type:
+        cls.changes_model, cls.checkpoint, cls.installs_hooks = changes_model, checkpoint, installs_hooks
+        return cls
+
+    return mark
+
+
+@declares(changes_model=False, checkpoint=False, installs_hooks=False)
 @dataclass
 class StatsStep(StepSpec):
-    changes_model: ClassVar[bool] = False
-    checkpoint: ClassVar[bool] = False
-    installs_hooks: ClassVar[bool] = False
-
     max_tokens: int | None = 20000
 
     def __post_init__(self) -> None:
@@ -106,30 +113,21 @@ class StatsStep(StepSpec):
             raise ConfigError(f"stats.max_tokens={self.max_tokens!r}: must be a positive integer or null.")
 
 
+@declares(changes_model=True, checkpoint=True, installs_hooks=False)
 @dataclass(frozen=True)
 class PruneStep(StepSpec, PruneConfig):
     """:class:`~camera_pl.PruneConfig`: the same options as ``camera_pl.prune``."""
 
-    changes_model: ClassVar[bool] = True
-    checkpoint: ClassVar[bool] = True
-    installs_hooks: ClassVar[bool] = False
 
-
+@declares(changes_model=True, checkpoint=True, installs_hooks=False)
 @dataclass(frozen=True)
 class RecoverStep(StepSpec, LoRAConfig):
     """:class:`~camera_pl.LoRAConfig`: the same options as ``camera_pl.recover`` (``lr`` defaults to 1e-3)."""
 
-    changes_model: ClassVar[bool] = True
-    checkpoint: ClassVar[bool] = True
-    installs_hooks: ClassVar[bool] = False
 
-
+@declares(changes_model=True, checkpoint=True, installs_hooks=False)
 @dataclass
 class FinetuneStep(StepSpec):
-    changes_model: ClassVar[bool] = True
-    checkpoint: ClassVar[bool] = True
-    installs_hooks: ClassVar[bool] = False
-
     epochs: int = 3
     steps_per_epoch: int = 50
     lr: float = 1e-4
@@ -138,61 +136,43 @@ class FinetuneStep(StepSpec):
     allocation: str = "layer"
 
 
+@declares(changes_model=True, checkpoint=True, installs_hooks=False)
 @dataclass(frozen=True)
 class QuantizeStep(StepSpec, QuantizeConfig):
     """:class:`~camera_pl.QuantizeConfig`: the same options as ``camera_pl.quantize``."""
 
-    changes_model: ClassVar[bool] = True
-    checkpoint: ClassVar[bool] = True
-    installs_hooks: ClassVar[bool] = False
 
-
+@declares(changes_model=False, checkpoint=False, installs_hooks=False)
 @dataclass
 class EvaluateStep(StepSpec):
-    changes_model: ClassVar[bool] = False
-    checkpoint: ClassVar[bool] = False
-    installs_hooks: ClassVar[bool] = False
-
     label: str = ""
     perplexity: bool = True
     tasks: list[str] = field(default_factory=lambda: ["next_line", "docstring_match"])
     examples: int = 100
 
 
+@declares(changes_model=False, checkpoint=False, installs_hooks=False)
 @dataclass
 class AnalyzeStep(StepSpec):
-    changes_model: ClassVar[bool] = False
-    checkpoint: ClassVar[bool] = False
-    installs_hooks: ClassVar[bool] = False
-
     top_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
 
 
+@declares(changes_model=False, checkpoint=False, installs_hooks=False)
 @dataclass
 class SaveStep(StepSpec):
-    changes_model: ClassVar[bool] = False
-    checkpoint: ClassVar[bool] = False
-    installs_hooks: ClassVar[bool] = False
-
     subdir: str = "model"
 
 
+@declares(changes_model=False, checkpoint=False, installs_hooks=True)
 @dataclass(frozen=True)
 class OdpStep(StepSpec, OdpConfig):
     """:class:`~camera_pl.OdpConfig`: the same options as ``camera_pl.apply_odp``."""
 
-    changes_model: ClassVar[bool] = False
-    checkpoint: ClassVar[bool] = False
-    installs_hooks: ClassVar[bool] = True
 
-
+@declares(changes_model=True, checkpoint=True, installs_hooks=False)
 @dataclass(frozen=True)
 class CompressedExpertsStep(StepSpec, CompressedExpertsConfig):
     """:class:`~camera_pl.CompressedExpertsConfig` plus the finetune that follows (``steps`` batches at ``lr``)."""
-
-    changes_model: ClassVar[bool] = True
-    checkpoint: ClassVar[bool] = True
-    installs_hooks: ClassVar[bool] = False
 
     steps: int = 100
     lr: float = 1e-3
