@@ -35,6 +35,18 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt_oss": ("GptOssConfig", dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=6,
                                      num_experts_per_tok=2, head_dim=8, sliding_window=16,
                                      layer_types=["sliding_attention", "full_attention"])),
+    "deepseek_v2": ("DeepseekV2Config", dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                                             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                             num_key_value_heads=4, n_group=4, topk_group=2,
+                                             topk_method="group_limited_greedy")),
+    "glm4_moe": ("Glm4MoeConfig", dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                                       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                       first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8,
+                                       norm_topk_prob=True)),
+    "flex_olmo": ("FlexOlmoConfig", dict(num_hidden_layers=2, intermediate_size=16, num_experts=8,
+                                         num_experts_per_tok=2)),
 }
 
 

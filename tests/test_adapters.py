@@ -11,14 +11,14 @@ from camera_pl.testing import tiny_moe
 from conftest import make_batch
 from reference_math import capture_block_inputs, dense_layer
 
-EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "deepseek_v3": [1, 2]}
+EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "deepseek_v3": [1, 2], "deepseek_v2": [1, 2], "glm4_moe": [1, 2]}
 
 
 def test_layers_found_and_dense_layers_skipped(arch, model):
     layers = moe_layers(model)
     expected = EXPECTED_MOE_LAYERS.get(arch, list(range(model.config.num_hidden_layers)))
     assert [layer.index for layer in layers] == expected
-    has_shared = arch in ("qwen2_moe", "deepseek_v3")
+    has_shared = arch in ("qwen2_moe", "deepseek_v3", "deepseek_v2", "glm4_moe")
     assert all((layer.shared is not None) == has_shared for layer in layers)
 
 

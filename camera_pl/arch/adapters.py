@@ -89,7 +89,7 @@ _REGISTRY: dict[str, ArchitectureSpec] = {
     "phimoe": ArchitectureSpec(router="router", expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
     "gpt_oss": ArchitectureSpec(router="router", expert_size_key="intermediate_size", num_experts_key="num_local_experts"),
     "deepseek_v2": ArchitectureSpec(shared="shared_experts", num_experts_key="n_routed_experts",
-                                    attention_targets=_MLA_TARGETS),
+                                    attention_targets=_MLA_TARGETS, router_group_key="num_group"),
     "deepseek_v3": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts",
                                     attention_targets=_MLA_TARGETS, **_GROUP_LIMITED),
     "glm4_moe": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts",
