@@ -12,6 +12,7 @@ from camera_pl.quant.calibration import capture_layer_inputs
 from camera_pl.quant.config import QuantizeConfig
 from camera_pl.quant.layer import quantize_routed
 from camera_pl.quant.methods import AllocationContext, uniform_allocation
+from camera_pl.quant.allocation import row_errors
 from camera_pl.quant.quantizers import gptq, rtn
 from camera_pl.serialization import load, save
 from camera_pl.testing import tiny_moe
@@ -49,6 +50,21 @@ def test_rtn_error_decreases_with_bits():
     for r, b in enumerate(mixed.bits.tolist()):
         torch.testing.assert_close(mixed.dequantize()[r], rtn(w[r:r + 1], b, 100).dequantize()[0])
     assert not torch.isnan(rtn(torch.zeros(2, 8), 2).dequantize()).any()
+
+
+@pytest.mark.parametrize("group_size", [16, 12, 128])
+def test_row_errors_are_rtn_errors(group_size, monkeypatch):
+    """The chunked, range-sharing error pass equals RTN + dequantize bit for bit (padded groups, weights, chunks)."""
+    import camera_pl.quant.allocation as allocation
+
+    w = torch.randn(70, 40, dtype=torch.bfloat16)
+    weight = torch.rand(70, 40)
+    monkeypatch.setattr(allocation, "ROW_CHUNK", 40 * 9)  # several chunks, the last one short
+    choices = (1, 2, 3, 4, 8)
+    for cw in (None, weight, weight[0]):
+        expected = torch.stack([(((rtn(w, b, group_size).dequantize() - w.float()) ** 2) *
+                                 (1 if cw is None else cw)).sum(1).double() for b in choices], dim=1)
+        assert torch.equal(row_errors(w, choices, group_size, cw), expected)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
