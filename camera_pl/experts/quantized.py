@@ -41,6 +41,10 @@ from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Bit-pack uint8 codes ``[N, C]`` (each < 2^bits) into uint8 ``[N, ceil(C·bits/8)]``, LSB first."""
     n, length = codes.shape
+    if 8 % bits == 0:  # whole codes per byte: shift and add, no bit planes
+        per = 8 // bits
+        grouped = nn.functional.pad(codes, (0, (-length) % per)).view(n, -1, per)
+        return (grouped << torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)).sum(-1, dtype=torch.uint8)
     planes = torch.stack([(codes >> k) & 1 for k in range(bits)], dim=-1).reshape(n, length * bits)
     planes = nn.functional.pad(planes, (0, (-planes.shape[1]) % 8)).reshape(n, -1, 8)
     out = torch.zeros(planes.shape[:2], dtype=torch.uint8, device=codes.device)
@@ -52,28 +56,32 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 codes ``[N, length]``.
 
-    A code of at most 8 bits spans at most two bytes, so each code is one shift and mask of
-    a 16-bit window: two gathers for all rows at once, no bit planes.
+    Widths dividing 8 shift whole bytes; others read each code (at most two bytes) from a
+    16-bit window: a few vectorised ops for all rows at once, no bit planes.
     """
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[..., None] >> shifts) & mask).reshape(packed.shape[0], -1)[:, :length]
     first = torch.arange(length, device=packed.device) * bits
     byte, shift = first // 8, (first % 8).to(torch.int32)
     wide = nn.functional.pad(packed, (0, 1))
     window = wide[:, byte].to(torch.int32) | (wide[:, byte + 1].to(torch.int32) << 8)
-    return ((window >> shift) & ((1 << bits) - 1)).to(torch.uint8)
+    return ((window >> shift) & mask).to(torch.uint8)
 
 
 def _dequantize_block(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
                       ) -> torch.Tensor:
     """Float32 rows of one bit-width from codes ``[N, C]`` and per-group ``scale``/``zero`` ``[N, G]``.
 
-    The same arithmetic as :func:`~camera_pl.quant.quantizers.dequantize` (bit-identical), on
-    ``[N, G, g]`` groups instead of expanded per-entry grids; ``zero`` None means 1-bit rows.
+    The same arithmetic as :func:`~camera_pl.quant.quantizers.dequantize` (bit-identical), in
+    place on ``[N, G, g]`` groups instead of expanded per-entry grids; ``zero`` None means 1-bit rows.
     """
     n, length = codes.shape
     groups = scale.shape[1]
     q = nn.functional.pad(codes, (0, groups * group_size - length)).view(n, groups, group_size).float()
     s = scale.float()[..., None]
-    w = (2 * q - 1) * s if zero is None else (q - zero.float()[..., None]) * s
+    w = q.mul_(2).sub_(1).mul_(s) if zero is None else q.sub_(zero.float()[..., None]).mul_(s)
     return w.reshape(n, -1)[:, :length]
 
 
@@ -87,7 +95,8 @@ class _GroupedPlan:
     ``width``: common padded width (a multiple of 8); ``channels [E, width]``: original
     micro-expert of each slot (``intermediate_size`` for padding) or None at full, aligned
     width; ``slots [ΣW]``: padded position ``e·width + j`` of every kept micro-expert;
-    ``dest[m][b]``: padded row of each row stored at ``b`` bits for matrix ``m``.
+    ``dest[m][b]``: padded row of each row stored at ``b`` bits for matrix ``m`` (gate and up
+    rows: rows of the packed ``[E·2·width, H]`` gate/up stack, in the module's layout).
     """
 
     width: int
@@ -256,21 +265,24 @@ class QuantizedExperts(CameraExperts):
                 channels = torch.full((num * width,), self.intermediate_size, dtype=torch.long)
                 kept = self.channel_index.cpu() if "channel_index" in self._buffers else slot
                 channels = channels.index_put((slots,), kept).view(num, width)
+            ids = torch.arange(2 * num * width).view(2, num, width)  # gate and up rows of the packed [E·2·width]
+            order = self.layout.pack(ids[0], ids[1], 1).flatten()
+            position = torch.empty_like(order).index_put_((order,), torch.arange(order.numel()))
+            padded_rows = {"gate": position[slots], "up": position[num * width + slots], "down": slots}
             dest = {}
             for m in self._spec["matrices"]:
                 bit_map = getattr(self, f"{m}_bits").cpu()
                 by_output = m == "down" and self._spec["down_axis"] == "out"  # rows [E·H, W]: no padding
-                padded = torch.arange(bit_map.numel()) if by_output else slots
+                padded = torch.arange(bit_map.numel()) if by_output else padded_rows[m]
                 dest[m] = {int(b): padded[bit_map == int(b)].to(device) for b in self._spec["matrices"][m]["counts"]}
             self._plans[device] = _GroupedPlan(width, None if channels is None else channels.to(device),
                                                slots.to(device), dest)
         return self._plans[device]
 
-    def _stacked_rows(self, m: str, plan: _GroupedPlan, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """All rows of matrix ``m`` dequantized into ``[rows, C]`` at their padded positions: one unpack per
+    def _stacked_rows(self, m: str, plan: _GroupedPlan, out: torch.Tensor) -> torch.Tensor:
+        """All rows of matrix ``m`` dequantized into ``out [rows, C]`` at their padded positions: one unpack per
         bit-width (in bounded chunks) serves every expert."""
-        length = self._spec["matrices"][m]["length"]
-        out = torch.zeros(rows, length, dtype=dtype, device=self.device)
+        length, dtype = out.shape[1], out.dtype
         chunk = max(1, _CHUNK // length)
         for b, dest in plan.dest[m].items():
             for start in range(0, dest.numel(), chunk):
@@ -291,13 +303,14 @@ class QuantizedExperts(CameraExperts):
             return None
         plan = self._plan(x.device)
         num, width, hidden = self.num_experts, plan.width, self.hidden_size
-        gate = self._stacked_rows("gate", plan, num * width, x.dtype).view(num, width, hidden)
-        up = self._stacked_rows("up", plan, num * width, x.dtype).view(num, width, hidden)
+        gate_up = x.new_zeros(num * 2 * width, hidden)  # gate and up rows straight into the packed layout
+        self._stacked_rows("gate", plan, gate_up)
+        self._stacked_rows("up", plan, gate_up)
         if self._spec["down_axis"] == "in":
-            down = self._stacked_rows("down", plan, num * width, x.dtype).view(num, width, hidden)
+            down = self._stacked_rows("down", plan, x.new_zeros(num * width, hidden)).view(num, width, hidden)
         else:
             kept = self._spec["matrices"]["down"]["length"]
-            down = self._stacked_rows("down", plan, num * hidden, x.dtype).view(num, hidden, kept)
+            down = self._stacked_rows("down", plan, x.new_zeros(num * hidden, kept)).view(num, hidden, kept)
             down = nn.functional.pad(down, (0, width - kept)).transpose(1, 2)
         up_bias = down_bias = None
         if layout.has_bias:
@@ -306,7 +319,8 @@ class QuantizedExperts(CameraExperts):
 
             up_bias = layout.pack(None if self.gate_bias is None else pad(self.gate_bias), pad(self.up_bias), 1)
             down_bias = self.down_bias.to(x.dtype)
-        return GroupedWeights(layout.pack(gate, up, 1).transpose(1, 2), down, up_bias, down_bias, plan.channels)
+        return GroupedWeights(gate_up.view(num, 2 * width, hidden).transpose(1, 2), down, up_bias, down_bias,
+                              plan.channels)
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         """Dequantized weights of expert ``e`` (float32 unless ``dtype``)."""
