@@ -12,6 +12,7 @@ from camera_pl.quant.calibration import capture_layer_inputs
 from camera_pl.quant.config import QuantizeConfig
 from camera_pl.quant.layer import quantize_routed
 from camera_pl.quant.methods import AllocationContext, uniform_allocation
+from camera_pl.quant.allocation import row_errors
 from camera_pl.quant.quantizers import gptq, rtn
 from camera_pl.serialization import load, save
 from camera_pl.testing import tiny_moe
@@ -49,6 +50,21 @@ def test_rtn_error_decreases_with_bits():
     for r, b in enumerate(mixed.bits.tolist()):
         torch.testing.assert_close(mixed.dequantize()[r], rtn(w[r:r + 1], b, 100).dequantize()[0])
     assert not torch.isnan(rtn(torch.zeros(2, 8), 2).dequantize()).any()
+
+
+@pytest.mark.parametrize("group_size", [16, 12, 128])
+def test_row_errors_are_rtn_errors(group_size, monkeypatch):
+    """The chunked, range-sharing error pass equals RTN + dequantize bit for bit (padded groups, weights, chunks)."""
+    import camera_pl.quant.allocation as allocation
+
+    w = torch.randn(70, 40, dtype=torch.bfloat16)
+    weight = torch.rand(70, 40)
+    monkeypatch.setattr(allocation, "ROW_CHUNK", 40 * 9)  # several chunks, the last one short
+    choices = (1, 2, 3, 4, 8)
+    for cw in (None, weight, weight[0]):
+        expected = torch.stack([(((rtn(w, b, group_size).dequantize() - w.float()) ** 2) *
+                                 (1 if cw is None else cw)).sum(1).double() for b in choices], dim=1)
+        assert torch.equal(row_errors(w, choices, group_size, cw), expected)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -219,3 +235,46 @@ def test_compressed_tensors_export_of_uniform_allocation(tmp_path, stats_of):
     quantize(camera, stats_of("qwen3_moe"), group_size=16)
     with pytest.raises(ExportError, match="micro-expert columns"):
         export_compressed_tensors(camera, tmp_path / "bad")
+
+
+def _both_paths(model, monkeypatch, run):
+    """``run(model)`` through the grouped dequantized path and through the per-expert loop."""
+    layers = moe_layers(model)
+    x = torch.zeros(1, layers[0].hidden_size, dtype=next(model.parameters()).dtype)
+    assert all(layer.experts.grouped_weights(x) is not None for layer in layers)  # the grouped path is taken
+    grouped = run(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(QuantizedExperts, "grouped_weights", lambda self, x: None)
+        looped = run(model)
+    return grouped, looped
+
+
+@pytest.mark.parametrize("method", ["camera", "matrix"])
+def test_grouped_forward_equals_per_expert_forward(arch, method, stats_of, monkeypatch, tmp_path):
+    model = tiny_moe(arch)
+    quantize(model, stats_of(arch), method=method, avg_bits=2.5, group_size=16)
+    grouped, looped = _both_paths(model, monkeypatch, logits)
+    torch.testing.assert_close(grouped, looped, rtol=0, atol=1e-5)
+    loaded = load(save(model, tmp_path / "q"))
+    grouped_loaded, _ = _both_paths(loaded, monkeypatch, logits)
+    torch.testing.assert_close(grouped_loaded, looped, rtol=0, atol=1e-5)
+
+
+def test_grouped_forward_of_pruned_experts_and_bf16(stats_of, monkeypatch):
+    from camera_pl import prune
+
+    model = tiny_moe("qwen3_moe")
+    prune(model, collect_stats(model, CALIB), 0.4, allocation="layer")
+    assert not moe_layers(model)[0].experts.full_width
+    quantize(model, collect_stats(model, CALIB), avg_bits=2.5, group_size=16)
+    grouped, looped = _both_paths(model, monkeypatch, logits)
+    torch.testing.assert_close(grouped, looped, rtol=0, atol=1e-5)
+    stats = _both_paths(model, monkeypatch, lambda m: collect_stats(m, CALIB[:1]))  # observed activations
+    for a, b in zip(*(s.layers.values() for s in stats)):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+    half = tiny_moe("olmoe", dtype=torch.bfloat16)
+    quantize(half, stats_of("olmoe"), avg_bits=2.5, group_size=16)
+    grouped, looped = _both_paths(half, monkeypatch, logits)
+    assert grouped.dtype == torch.bfloat16
+    torch.testing.assert_close(grouped, looped, rtol=0, atol=2e-2)

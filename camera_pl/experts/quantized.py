@@ -16,25 +16,35 @@ Rows of equal bit-width are kept together, per matrix and bit-width, in expert o
 * ``{m}_z{b}``   uint8 ``[N_b, G]``: zero points (absent for 1-bit rows: sign × scale).
 
 The rows of expert ``e`` at ``b`` bits are a contiguous slice, whose start is precomputed
-once from ``{m}_bits``. The forward (camera_pl's experts forward) dequantizes each hit
-expert on the fly into the activations' dtype and runs exactly the experts' own math, so
-it matches the model with the dequantized weights written back (fake quantization). The
+once from ``{m}_bits``. Where grouped GEMMs run (CPU fp32/bf16, CUDA bf16; gated experts
+without a post-expert norm), :meth:`QuantizedExperts.grouped_weights` dequantizes all
+experts at once — one unpack per (matrix, bit-width), scattered to precomputed positions
+in zero-padded ``[E, width, H]`` stacks — and the experts forward runs two grouped GEMMs.
+Otherwise :meth:`~QuantizedExperts.weights` dequantizes each hit expert. Both cast the
+float32 weights to the activations' dtype and run the experts' own math, so the output
+matches the model with the dequantized weights written back (fake quantization). The
 packed module is for inference: codes are buffers, only biases stay trainable.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from camera_pl.experts.base import Experts, ExpertWeights, cast
+from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, cast, grouped_mm_supported
 from camera_pl.experts.module import CameraExperts
-from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows, dequantize
+from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Bit-pack uint8 codes ``[N, C]`` (each < 2^bits) into uint8 ``[N, ceil(C·bits/8)]``, LSB first."""
     n, length = codes.shape
+    if 8 % bits == 0:  # whole codes per byte: shift and add, no bit planes
+        per = 8 // bits
+        grouped = nn.functional.pad(codes, (0, (-length) % per)).view(n, -1, per)
+        return (grouped << torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)).sum(-1, dtype=torch.uint8)
     planes = torch.stack([(codes >> k) & 1 for k in range(bits)], dim=-1).reshape(n, length * bits)
     planes = nn.functional.pad(planes, (0, (-planes.shape[1]) % 8)).reshape(n, -1, 8)
     out = torch.zeros(planes.shape[:2], dtype=torch.uint8, device=codes.device)
@@ -44,14 +54,55 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 codes ``[N, length]``."""
-    n = packed.shape[0]
-    planes = torch.stack([(packed >> k) & 1 for k in range(8)], dim=-1).reshape(n, -1)[:, : length * bits]
-    planes = planes.reshape(n, length, bits)
-    out = torch.zeros(n, length, dtype=torch.uint8, device=packed.device)
-    for k in range(bits):
-        out |= planes[..., k] << k
-    return out
+    """Inverse of :func:`pack_codes`: uint8 codes ``[N, length]``.
+
+    Widths dividing 8 shift whole bytes; others read each code (at most two bytes) from a
+    16-bit window: a few vectorised ops for all rows at once, no bit planes.
+    """
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[..., None] >> shifts) & mask).reshape(packed.shape[0], -1)[:, :length]
+    first = torch.arange(length, device=packed.device) * bits
+    byte, shift = first // 8, (first % 8).to(torch.int32)
+    wide = nn.functional.pad(packed, (0, 1))
+    window = wide[:, byte].to(torch.int32) | (wide[:, byte + 1].to(torch.int32) << 8)
+    return ((window >> shift) & mask).to(torch.uint8)
+
+
+def _dequantize_block(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
+                      ) -> torch.Tensor:
+    """Float32 rows of one bit-width from codes ``[N, C]`` and per-group ``scale``/``zero`` ``[N, G]``.
+
+    The same arithmetic as :func:`~camera_pl.quant.quantizers.dequantize` (bit-identical), in
+    place on ``[N, G, g]`` groups instead of expanded per-entry grids; ``zero`` None means 1-bit rows.
+    """
+    n, length = codes.shape
+    groups = scale.shape[1]
+    q = nn.functional.pad(codes, (0, groups * group_size - length)).view(n, groups, group_size).float()
+    s = scale.float()[..., None]
+    w = q.mul_(2).sub_(1).mul_(s) if zero is None else q.sub_(zero.float()[..., None]).mul_(s)
+    return w.reshape(n, -1)[:, :length]
+
+
+_CHUNK = 1 << 24  # entries dequantized at once: bounds the float temporaries of the grouped path
+
+
+@dataclass
+class _GroupedPlan:
+    """Where the stored rows go in the zero-padded expert stacks (computed once per device).
+
+    ``width``: common padded width (a multiple of 8); ``channels [E, width]``: original
+    micro-expert of each slot (``intermediate_size`` for padding) or None at full, aligned
+    width; ``slots [ΣW]``: padded position ``e·width + j`` of every kept micro-expert;
+    ``dest[m][b]``: padded row of each row stored at ``b`` bits for matrix ``m`` (gate and up
+    rows: rows of the packed ``[E·2·width, H]`` gate/up stack, in the module's layout).
+    """
+
+    width: int
+    channels: torch.Tensor | None
+    slots: torch.Tensor
+    dest: dict[str, dict[int, torch.Tensor]]
 
 
 class QuantizedExperts(CameraExperts):
@@ -69,6 +120,7 @@ class QuantizedExperts(CameraExperts):
         self._widths = torch.tensor(spec["widths"], dtype=torch.long)
         self._offsets = [0] + torch.cumsum(self._widths, 0).tolist()
         self._starts: dict[str, dict[int, list[int]]] | None = None
+        self._plans: dict[torch.device, _GroupedPlan] = {}
         device, total, hidden = replaced.device, int(self._widths.sum()), self.hidden_size
         if self.layout.has_bias:
             kw = dict(dtype=replaced.dtype, device=device)
@@ -144,7 +196,8 @@ class QuantizedExperts(CameraExperts):
         return self._spec
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._starts = None  # the bit maps change: recompute the row starts on next use
+        self._starts = None  # the bit maps change: recompute the row starts and plans on next use
+        self._plans = {}
         super()._load_from_state_dict(*args, **kwargs)
 
     # ---- the experts interface -------------------------------------------------------------
@@ -188,12 +241,86 @@ class QuantizedExperts(CameraExperts):
             start, stop = starts[e], starts[e + 1]
             if stop == start:
                 continue
-            codes = unpack_codes(getattr(self, f"{m}_q{b}")[start:stop], b, info["length"])
-            scale = getattr(self, f"{m}_s{b}")[start:stop].view(SCALE_DTYPE)
-            zero = getattr(self, f"{m}_z{b}")[start:stop] if b > 1 else torch.zeros_like(scale, dtype=torch.uint8)
-            bits = torch.full((stop - start,), b, device=codes.device)
-            out[bit_map == b] = dequantize(codes, scale, zero, bits, info["group_size"])
+            out[bit_map == b] = self._dequantized(m, b, start, stop)
         return out
+
+    def _dequantized(self, m: str, b: int, start: int, stop: int) -> torch.Tensor:
+        """Float32 rows ``start:stop`` of matrix ``m``'s ``b``-bit store."""
+        info = self._spec["matrices"][m]
+        codes = unpack_codes(getattr(self, f"{m}_q{b}")[start:stop], b, info["length"])
+        scale = getattr(self, f"{m}_s{b}")[start:stop].view(SCALE_DTYPE)
+        zero = getattr(self, f"{m}_z{b}")[start:stop] if b > 1 else None
+        return _dequantize_block(codes, scale, zero, info["group_size"])
+
+    def _plan(self, device: torch.device) -> _GroupedPlan:
+        """The cached :class:`_GroupedPlan` on ``device`` (one host sync, on first use)."""
+        if device not in self._plans:
+            num, widths = self.num_experts, self._widths
+            width = max(8, -(-int(widths.max()) // 8) * 8)
+            expert = torch.repeat_interleave(torch.arange(num), widths)
+            slot = torch.arange(expert.numel()) - torch.tensor(self._offsets[:-1])[expert]
+            slots = expert * width + slot
+            channels = None
+            if not (self.full_width and width == self.intermediate_size):
+                channels = torch.full((num * width,), self.intermediate_size, dtype=torch.long)
+                kept = self.channel_index.cpu() if "channel_index" in self._buffers else slot
+                channels = channels.index_put((slots,), kept).view(num, width)
+            ids = torch.arange(2 * num * width).view(2, num, width)  # gate and up rows of the packed [E·2·width]
+            order = self.layout.pack(ids[0], ids[1], 1).flatten()
+            position = torch.empty_like(order).index_put_((order,), torch.arange(order.numel()))
+            padded_rows = {"gate": position[slots], "up": position[num * width + slots], "down": slots}
+            dest = {}
+            for m in self._spec["matrices"]:
+                bit_map = getattr(self, f"{m}_bits").cpu()
+                by_output = m == "down" and self._spec["down_axis"] == "out"  # rows [E·H, W]: no padding
+                padded = torch.arange(bit_map.numel()) if by_output else padded_rows[m]
+                dest[m] = {int(b): padded[bit_map == int(b)].to(device) for b in self._spec["matrices"][m]["counts"]}
+            self._plans[device] = _GroupedPlan(width, None if channels is None else channels.to(device),
+                                               slots.to(device), dest)
+        return self._plans[device]
+
+    def _stacked_rows(self, m: str, plan: _GroupedPlan, out: torch.Tensor) -> torch.Tensor:
+        """All rows of matrix ``m`` dequantized into ``out [rows, C]`` at their padded positions: one unpack per
+        bit-width (in bounded chunks) serves every expert."""
+        length, dtype = out.shape[1], out.dtype
+        chunk = max(1, _CHUNK // length)
+        for b, dest in plan.dest[m].items():
+            for start in range(0, dest.numel(), chunk):
+                stop = min(start + chunk, dest.numel())
+                out.index_copy_(0, dest[start:stop], self._dequantized(m, b, start, stop).to(dtype))
+        return out
+
+    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | None:
+        """All experts dequantized into zero-padded stacks for grouped GEMMs (CPU fp32/bf16, CUDA bf16).
+
+        Padded micro-experts have zero weights and biases, so they contribute nothing; codes
+        are dequantized to float32 and cast to ``x``'s dtype, as :meth:`weights` does.
+        """
+        layout = self.layout
+        if layout.post_norm or not layout.has_gate or not grouped_mm_supported(x):
+            return None
+        if x.dtype not in (torch.float32, torch.bfloat16) or self.hidden_size * x.element_size() % 16:
+            return None
+        plan = self._plan(x.device)
+        num, width, hidden = self.num_experts, plan.width, self.hidden_size
+        gate_up = x.new_zeros(num * 2 * width, hidden)  # gate and up rows straight into the packed layout
+        self._stacked_rows("gate", plan, gate_up)
+        self._stacked_rows("up", plan, gate_up)
+        if self._spec["down_axis"] == "in":
+            down = self._stacked_rows("down", plan, x.new_zeros(num * width, hidden)).view(num, width, hidden)
+        else:
+            kept = self._spec["matrices"]["down"]["length"]
+            down = self._stacked_rows("down", plan, x.new_zeros(num * hidden, kept)).view(num, hidden, kept)
+            down = nn.functional.pad(down, (0, width - kept)).transpose(1, 2)
+        up_bias = down_bias = None
+        if layout.has_bias:
+            def pad(bias: torch.Tensor) -> torch.Tensor:  # [ΣW] -> [E, width]
+                return bias.new_zeros(num * width).index_put((plan.slots,), bias).view(num, width).to(x.dtype)
+
+            up_bias = layout.pack(None if self.gate_bias is None else pad(self.gate_bias), pad(self.up_bias), 1)
+            down_bias = self.down_bias.to(x.dtype)
+        return GroupedWeights(gate_up.view(num, 2 * width, hidden).transpose(1, 2), down, up_bias, down_bias,
+                              plan.channels)
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         """Dequantized weights of expert ``e`` (float32 unless ``dtype``)."""

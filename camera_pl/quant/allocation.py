@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from camera_pl.quant.quantizers import check_bits, rtn
+from camera_pl.quant.quantizers import check_bits, squared_errors
 
 DEFAULT_GROUPS = ((8, 0.1), (4, 0.3), (2, 0.6))
 DEFAULT_CHOICES = (1, 2, 3, 4, 8)
@@ -118,17 +118,23 @@ def rank_groups(scores: torch.Tensor, groups: tuple[tuple[int, float], ...]) -> 
     return bits.reshape(scores.shape)
 
 
+ROW_CHUNK = 1 << 22
+"""Weights quantized at once when measuring errors: bounds the float temporaries (a few x 4 bytes each)."""
+
+
 def row_errors(rows: torch.Tensor, choices: tuple[int, ...], group_size: int,
                column_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Squared RTN error of every row ``[N, C]`` at each bit choice -> ``[N, K]`` (float64).
 
-    With ``column_weight`` (broadcastable to ``rows``) the squared errors are weighted per entry.
+    With ``column_weight`` (broadcastable to ``rows``) the squared errors are weighted per
+    entry. Rows are processed in chunks of about :data:`ROW_CHUNK` weights.
     """
-    errs = []
-    for b in choices:
-        diff = (rtn(rows, b, group_size).dequantize() - rows.float()) ** 2
-        errs.append((diff if column_weight is None else diff * column_weight).sum(1).double())
-    return torch.stack(errs, dim=1)
+    step = max(1, ROW_CHUNK // max(1, rows.shape[1]))
+    per_row = column_weight is not None and column_weight.dim() == 2 and column_weight.shape[0] == rows.shape[0] > 1
+    parts = [squared_errors(rows[i:i + step], choices, group_size,
+                            column_weight[i:i + step] if per_row else column_weight).double()
+             for i in range(0, rows.shape[0], step)]
+    return torch.cat(parts) if parts else torch.zeros(0, len(choices), dtype=torch.float64)
 
 
 def solve_budget(cost: torch.Tensor, size: torch.Tensor, choices: tuple[int, ...], avg_bits: float) -> torch.Tensor:

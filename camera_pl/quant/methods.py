@@ -13,7 +13,7 @@ import torch
 
 from camera_pl.arch.adapters import MoELayer
 from camera_pl.experts.base import ExpertWeights
-from camera_pl.quant.allocation import LayerBits, pmq_bits, rank_groups, row_errors, solve_budget, uniform_bits
+from camera_pl.quant.allocation import ROW_CHUNK, LayerBits, pmq_bits, rank_groups, row_errors, solve_budget, uniform_bits
 from camera_pl.quant.calibration import LayerInputs
 from camera_pl.quant.quantizers import rtn
 
@@ -116,14 +116,21 @@ def _matrices(layer: MoELayer) -> dict[str, torch.Tensor]:
 
 def _relative_errors(layer: MoELayer, choices: tuple[int, ...], group_size: int,
                      with_down: bool = True) -> dict[str, torch.Tensor]:
-    """``‖ΔW_row‖² / ‖W_row‖²`` at each bit choice for every micro-expert row: ``{m: [E, I, K]}``."""
+    """``‖ΔW_row‖² / ‖W_row‖²`` at each bit choice for every micro-expert row: ``{m: [E, I, K]}``.
+
+    Experts are read in blocks of about ``ROW_CHUNK`` weights, so only one block's float copy exists at a time.
+    """
     out = {}
     for m, w in _matrices(layer).items():
         if m == "down" and not with_down:
             continue
-        rows = w.reshape(-1, w.shape[-1])
-        norms = rows.float().pow(2).sum(1).double().clamp_min(1e-30)
-        out[m] = (row_errors(rows, choices, group_size) / norms[:, None]).reshape(*w.shape[:2], -1).cpu()
+        per_block = max(1, ROW_CHUNK // (w.shape[1] * w.shape[2]))
+        parts = []
+        for block in w.split(per_block):
+            rows = block.reshape(-1, w.shape[-1])
+            norms = rows.float().pow(2).sum(1).double().clamp_min(1e-30)
+            parts.append((row_errors(rows, choices, group_size) / norms[:, None]).reshape(*block.shape[:2], -1).cpu())
+        out[m] = torch.cat(parts)
     return out
 
 
@@ -152,8 +159,14 @@ def _down_row_costs(layer: MoELayer, energy: torch.Tensor, choices: tuple[int, .
     """Cost of each down output row ``h`` at each bit choice, ``Σ_j E[(g a_j)²]·ΔW[h, j]²``: ``[E, H, K]``."""
     down = stacked_weights(layer).down
     num_experts, hidden, inter = down.shape
-    weight = energy.to(down.device)[:, None, :].expand(num_experts, hidden, inter).reshape(-1, inter)
-    return row_errors(down.reshape(-1, inter), choices, group_size, weight).cpu().reshape(num_experts, hidden, -1)
+    energy = energy.to(down.device)
+    per_block = max(1, ROW_CHUNK // (hidden * inter))
+    parts = []
+    for start in range(0, num_experts, per_block):
+        block = down[start:start + per_block]
+        weight = energy[start:start + per_block, None, :].expand(block.shape).reshape(-1, inter)
+        parts.append(row_errors(block.reshape(-1, inter), choices, group_size, weight).cpu().reshape(*block.shape[:2], -1))
+    return torch.cat(parts)
 
 
 @register_bit_allocation("matrix", equal_widths=True)

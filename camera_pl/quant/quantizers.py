@@ -100,17 +100,54 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.where(sign, (2 * q - 1) * s, (q - z) * s)
 
 
-def _grid(w: torch.Tensor, valid: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales (float16-rounded, as float32) and zeros ``[N, G]`` of grouped weights ``w [N, G, g]``."""
-    maxq = (2.0 ** bits.float() - 1)[:, None]
+def _ranges(w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``min(w, 0)``, ``max(w, 0)`` and mean ``|w|`` ``[N, G]`` of grouped weights ``w [N, G, g]``: what grids
+    of every bit-width are fitted from (computed once when several bit-widths are tried)."""
     lo = torch.where(valid, w, torch.inf).amin(-1).clamp(max=0)
     hi = torch.where(valid, w, -torch.inf).amax(-1).clamp(min=0)
-    scale = ((hi - lo) / maxq).clamp_min(_MIN_SCALE)
     mean_abs = (w.abs() * valid).sum(-1) / valid.sum(-1)
+    return lo, hi, mean_abs
+
+
+def _grid_of(lo: torch.Tensor, hi: torch.Tensor, mean_abs: torch.Tensor, bits: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (float16-rounded, as float32) and zeros ``[N, G]`` from group ranges and per-row ``bits [N]``."""
+    maxq = (2.0 ** bits.float() - 1)[:, None]
+    scale = ((hi - lo) / maxq).clamp_min(_MIN_SCALE)
     sign = (bits == 1)[:, None]
     scale = torch.where(sign, mean_abs, scale).to(SCALE_DTYPE).float()
     zero = torch.where(sign, 0.0, torch.round(-lo / scale).clamp(min=0).minimum(maxq))
     return scale, zero
+
+
+def _grid(w: torch.Tensor, valid: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (float16-rounded, as float32) and zeros ``[N, G]`` of grouped weights ``w [N, G, g]``."""
+    return _grid_of(*_ranges(w, valid), bits)
+
+
+def squared_errors(rows: torch.Tensor, choices: tuple[int, ...], group_size: int,
+                   column_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row squared RTN error of ``rows [N, C]`` at each bit choice ``[N, K]`` (float32), optionally
+    weighted per entry by ``column_weight`` (broadcastable to ``rows``).
+
+    Bit-identical to ``rtn(rows, b).dequantize() - rows`` squared and summed, but the group
+    ranges are found once for all choices and nothing is expanded to per-entry grids.
+    """
+    n, length = rows.shape
+    gs = effective_group_size(group_size, length)
+    w = rows.detach().float()
+    grouped, valid = _grouped(w, gs)
+    ranges = _ranges(grouped, valid)
+    out = torch.empty(n, len(choices), device=rows.device)
+    for k, b in enumerate(choices):
+        scale, zero = (t[..., None] for t in _grid_of(*ranges, torch.full((n,), b, device=rows.device)))
+        if b == 1:
+            deq = (grouped >= 0).float().mul_(2).sub_(1).mul_(scale)
+        else:  # in place: the same operations as _encode + dequantize, without temporaries
+            deq = torch.div(grouped, scale).round_().add_(zero).clamp_(0, 2**b - 1).sub_(zero).mul_(scale)
+        diff = deq.reshape(n, -1)[:, :length].sub(w).square_()
+        out[:, k] = (diff if column_weight is None else diff.mul_(column_weight)).sum(1)
+    return out
 
 
 def _encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
