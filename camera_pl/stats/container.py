@@ -75,7 +75,7 @@ class MicroExpertStats:
     Attributes:
         signature: architecture and per-layer shapes of the model the stats came from.
         layers: ``{layer_index: {name: tensor}}``; names are those of
-            :data:`camera_pl.observation.STATE_LAYOUT` plus the weight-norm snapshot.
+            :data:`camera_pl.stats.observation.STATE_LAYOUT` plus the weight-norm snapshot.
         tokens: number of (unpadded) tokens observed.
     """
 
