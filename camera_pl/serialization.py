@@ -23,6 +23,7 @@ from torch import nn
 from camera_pl.arch.adapters import moe_layers
 from camera_pl.checksum import tensors_digest
 from camera_pl.experts import kinds
+from camera_pl.experts.module import describe
 from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_shared
 
 MANIFEST = "camera_pl.json"
@@ -39,7 +40,7 @@ def describe_structure(model: nn.Module) -> dict[str, dict]:
     out = {}
     for layer in moe_layers(model):
         entry: dict = {"num_experts": layer.num_experts, "shared_intermediate_size": layer.shared_intermediate_size}
-        description = kinds.describe(layer.module)
+        description = describe(layer.module)
         if description is not None:
             entry["experts"] = description
         else:

@@ -119,6 +119,13 @@ class Experts:
     def dtype(self) -> torch.dtype:
         return self.weights(0).up.dtype
 
+    def present_mask(self) -> torch.Tensor:
+        """``[E, I]`` on the CPU: which original micro-experts each expert still has."""
+        mask = torch.zeros(self.num_experts, self.intermediate_size, dtype=torch.bool)
+        for e in range(self.num_experts):
+            mask[e, self.channels(e).cpu()] = True
+        return mask
+
     def parameter_counts(self) -> torch.Tensor:
         """Weight elements of each expert's gate, up and down projections, float64 ``[E]`` (biases left out)."""
         matrices = 3 if self.layout.has_gate else 2
@@ -264,18 +271,6 @@ def unwrap(module: nn.Module | None) -> nn.Module | None:
     return get_base() if callable(get_base) else module
 
 
-def as_experts(module: nn.Module) -> Experts:
-    """The experts interface of any routed-experts module (camera_pl's own, or transformers' fused)."""
-    module = unwrap(module)
-    if isinstance(module, Experts):
-        return module
-    down = getattr(module, "down_proj", None)
-    if isinstance(down, torch.Tensor) and down.dim() == 3:
-        return FusedExperts(module)
-    raise TypeError(f"{type(module).__name__} is not a routed-experts module camera_pl can read: expected "
-                    "transformers' fused experts (3D gate_up_proj/down_proj) or a camera_pl experts module.")
-
-
 def is_experts(module: nn.Module | None) -> bool:
     """Whether ``module`` is a routed-experts module :func:`as_experts` can read."""
     module = unwrap(module)
@@ -283,3 +278,12 @@ def is_experts(module: nn.Module | None) -> bool:
         return True
     down = getattr(module, "down_proj", None)
     return isinstance(down, torch.Tensor) and down.dim() == 3
+
+
+def as_experts(module: nn.Module) -> Experts:
+    """The experts interface of any routed-experts module (camera_pl's own, or transformers' fused)."""
+    if not is_experts(module):
+        raise TypeError(f"{type(module).__name__} is not a routed-experts module camera_pl can read: expected "
+                        "transformers' fused experts (3D gate_up_proj/down_proj) or a camera_pl experts module.")
+    module = unwrap(module)
+    return module if isinstance(module, Experts) else FusedExperts(module)

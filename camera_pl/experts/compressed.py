@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from camera_pl.experts.base import ExpertWeights, as_experts
-from camera_pl.experts.forward import SortedRouting, to_original_channels
-from camera_pl.experts.module import WrappingExperts
+from camera_pl.experts.forward import SortedRouting, per_expert, report
+from camera_pl.experts.module import WrappingExperts, describe
 
 class CompressedExperts(WrappingExperts):
     """A layer's routed experts where each token's auxiliary experts act as IA³ vectors on its main experts."""
@@ -75,23 +75,17 @@ class CompressedExperts(WrappingExperts):
         observer = self.__dict__.get("_camera_observer")
         base, full = self.base_experts, self.full_width
         x_all = hidden_states[routing.token_ids]
-        acts, outs, start = [], [], 0
-        for e, end in enumerate(routing.ends):
-            if end > start:
-                tok, x = routing.token_ids[start:end], x_all[start:end]
-                w = base.weights(e, x.dtype)
-                a = base.activation(e, x * theta_gate[tok].to(x.dtype), w, up_input=x * theta_up[tok].to(x.dtype))
-                scale = theta_inner[tok] if full else theta_inner[tok][:, base.channels(e)]
-                a = a * scale.to(a.dtype)
-                outs.append(base.output(e, a, w))
-                if observer is not None:
-                    acts.append(a if full else to_original_channels(a, base.channels(e), self.intermediate_size))
-            start = end
-        out = torch.cat(outs) if outs else hidden_states.new_zeros(0, self.hidden_size)
-        if observer is not None and outs:
-            norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
-            observer.observe(routing.expert_ids, routing.token_ids, routing.weights, torch.cat(acts), norms,
-                             top_k_weights)
+
+        def run(e: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            tok, x = routing.token_ids[rows], x_all[rows]
+            w = base.weights(e, x.dtype)
+            a = base.activation(e, x * theta_gate[tok].to(x.dtype), w, up_input=x * theta_up[tok].to(x.dtype))
+            scale = theta_inner[tok] if full else theta_inner[tok][:, base.channels(e)]
+            a = a * scale.to(a.dtype)
+            return a, base.output(e, a, w)
+
+        acts, out = per_expert(self, routing, observer is not None, hidden_states, run)
+        report(observer, routing, acts, out, top_k_weights)
         return routing.combine(out, hidden_states, main_weights)
 
     # ---- description ------------------------------------------------------------------------
@@ -105,7 +99,7 @@ class CompressedExperts(WrappingExperts):
         return self.k_main * self.parameter_counts().mean().item() + (self.top_k - self.k_main) * triple
 
     def spec(self) -> dict:
-        return {"top_k": self.top_k, "k_main": self.k_main, "base": self.base_spec()}
+        return {"top_k": self.top_k, "k_main": self.k_main, "base": describe(self.base)}
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, k_main={self.k_main}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from camera_pl.experts.base import ExpertWeights, as_experts, cast
-from camera_pl.experts.module import WrappingExperts
+from camera_pl.experts.module import WrappingExperts, describe
 from camera_pl.quant.quantizers import rtn
 
 
@@ -58,7 +58,7 @@ class FakeQuantExperts(WrappingExperts):
 
     def spec(self) -> dict:
         return {"down_axis": self.down_axis, "group_size": self.group_size, "has_gate": self.gate_bits is not None,
-                "down_rows": int(self.down_bits.shape[1]), "base": self.base_spec()}
+                "down_rows": int(self.down_bits.shape[1]), "base": describe(self.base)}
 
 
 def build_fake_quant(spec: dict, replaced) -> FakeQuantExperts:

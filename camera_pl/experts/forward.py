@@ -15,7 +15,7 @@ camera_pl's own experts modules call it from their ``forward``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -71,6 +71,28 @@ def to_original_channels(a: torch.Tensor, channels: torch.Tensor, intermediate_s
     return full.scatter_(1, index, a)[:, :-1]
 
 
+def per_expert(experts: Experts, routing: SortedRouting, observed: bool, like: torch.Tensor,
+               run: Callable[[int, slice], tuple[torch.Tensor, torch.Tensor]]
+               ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]``, one hit expert at a time.
+
+    ``run(e, rows)`` computes expert ``e``'s activations ``[n, W_e]`` and outputs ``[n, H]`` for the
+    sorted rows ``rows``; ``like`` gives dtype and device of the empty result when no expert is hit.
+    """
+    acts, outs, start = [], [], 0
+    full = experts.full_width
+    for e, end in enumerate(routing.ends):
+        if end > start:
+            a, out = run(e, slice(start, end))
+            outs.append(out)
+            if observed:
+                acts.append(a if full else to_original_channels(a, experts.channels(e), experts.intermediate_size))
+        start = end
+    if not outs:
+        return like.new_zeros(0, experts.intermediate_size), like.new_zeros(0, experts.hidden_size)
+    return (torch.cat(acts) if observed else None), torch.cat(outs)
+
+
 def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting,
                        observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows."""
@@ -87,19 +109,21 @@ def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting
         if observed and grouped.channels is not None:
             a = to_original_channels(a, grouped.channels[routing.expert_ids], experts.intermediate_size)
         return (a if observed else None), out
-    acts, outs, start = [], [], 0
-    full = experts.full_width
-    for e, end in enumerate(routing.ends):
-        if end > start:
-            w = experts.weights(e, x.dtype)
-            a = experts.activation(e, x[start:end], w)
-            outs.append(experts.output(e, a, w))
-            if observed:
-                acts.append(a if full else to_original_channels(a, experts.channels(e), experts.intermediate_size))
-        start = end
-    if not outs:
-        return x.new_zeros(0, experts.intermediate_size), x.new_zeros(0, experts.hidden_size)
-    return (torch.cat(acts) if observed else None), torch.cat(outs)
+
+    def run(e: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        w = experts.weights(e, x.dtype)
+        a = experts.activation(e, x[rows], w)
+        return a, experts.output(e, a, w)
+
+    return per_expert(experts, routing, observed, x, run)
+
+
+def report(observer: ExpertsObserver | None, routing: SortedRouting, acts: torch.Tensor | None, out: torch.Tensor,
+           top_k_weights: torch.Tensor) -> None:
+    """Hand what a forward computed to ``observer`` (if any): activations, routing and output norms."""
+    if observer is not None:
+        norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
+        observer.observe(routing.expert_ids, routing.token_ids, routing.weights, acts, norms, top_k_weights)
 
 
 def experts_forward(experts: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -113,7 +137,5 @@ def experts_forward(experts: Experts, hidden_states: torch.Tensor, top_k_index: 
     observer: ExpertsObserver | None = experts.module.__dict__.get("_camera_observer")
     routing = SortedRouting.of(top_k_index, top_k_weights, experts.num_experts)
     acts, out = sorted_activations(experts, hidden_states[routing.token_ids], routing, observer is not None)
-    if observer is not None:
-        norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
-        observer.observe(routing.expert_ids, routing.token_ids, routing.weights, acts, norms, top_k_weights)
+    report(observer, routing, acts, out, top_k_weights)
     return routing.combine(out, hidden_states, top_k_weights)

@@ -1,6 +1,7 @@
-"""The registry of camera_pl experts kinds: describe a module as ``{kind, spec}`` and rebuild it empty.
+"""The registry of camera_pl experts kinds: rebuild an empty module from its ``{kind, spec}`` description.
 
-``camera_pl.save`` records each MoE layer's experts module with :func:`describe`; ``load``
+``camera_pl.save`` records each MoE layer's experts module with
+:func:`camera_pl.experts.module.describe`; ``load``
 rebuilds an empty module of the same kind and shapes with :func:`build` (weights then come
 from the state dict). A kind that wraps another (compressed experts over a ragged or
 quantized base) records the base in its spec under ``"base"``; it is rebuilt first.
@@ -15,7 +16,6 @@ from torch import nn
 from camera_pl.experts.base import Experts, as_experts
 from camera_pl.experts.compressed import build_compressed
 from camera_pl.experts.fake_quant import build_fake_quant
-from camera_pl.experts.module import CameraExperts
 from camera_pl.experts.quantized import build_quantized
 from camera_pl.experts.ragged import build_ragged
 
@@ -28,13 +28,6 @@ _BUILDERS: dict[str, Builder] = {"ragged": build_ragged, "quantized": build_quan
 def register_experts_kind(kind: str, build: Builder) -> None:
     """Register ``build(spec, replaced_experts) -> empty module`` for camera_pl experts modules of ``kind``."""
     _BUILDERS[kind] = build
-
-
-def describe(module: nn.Module) -> dict | None:
-    """``{"kind", "spec"}`` of a camera_pl experts module; None for transformers' own experts."""
-    if isinstance(module, CameraExperts):
-        return {"kind": module.kind, "spec": module.spec()}
-    return None
 
 
 def known(description: dict) -> bool:

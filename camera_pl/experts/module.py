@@ -79,7 +79,9 @@ class WrappingExperts(CameraExperts):
     def dtype(self) -> torch.dtype:
         return self.base_experts.dtype
 
-    def base_spec(self) -> dict | None:
-        """``{kind, spec}`` of the base where it is a camera_pl module (None for transformers' fused experts)."""
-        base = self.base
-        return {"kind": base.kind, "spec": base.spec()} if isinstance(base, CameraExperts) else None
+
+def describe(module: nn.Module) -> dict | None:
+    """``{"kind", "spec"}`` of a camera_pl experts module; None for transformers' own experts."""
+    if isinstance(module, CameraExperts):
+        return {"kind": module.kind, "spec": module.spec()}
+    return None

@@ -90,14 +90,6 @@ def _widths(layer: MoELayer) -> list[int]:
     return layer.experts.widths().tolist()
 
 
-def _present(layer: MoELayer) -> torch.Tensor:
-    experts = layer.experts
-    mask = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
-    for e in range(layer.num_experts):
-        mask[e, experts.channels(e).cpu()] = True
-    return mask
-
-
 ORIGINAL_SIZES = "camera_pl_original_sizes"
 """Config key recording each MoE layer's original (expert width, shared width), so ratios stay relative to them."""
 
@@ -105,17 +97,16 @@ ORIGINAL_SIZES = "camera_pl_original_sizes"
 def _original_sizes(model: nn.Module, layers: list[MoELayer]) -> dict[int, tuple[int, int]]:
     """Each layer's original (expert width, shared width): as recorded in the config, or its current sizes."""
     recorded = getattr(model.config, ORIGINAL_SIZES, None) or {}
-    sizes = {layer.index: tuple(recorded.get(str(layer.index), (layer.intermediate_size,
-                                                                 layer.shared_intermediate_size)))
-             for layer in layers}
-    return sizes
+    return {layer.index: tuple(recorded.get(str(layer.index), (layer.intermediate_size,
+                                                                layer.shared_intermediate_size)))
+            for layer in layers}
 
 
 def _in_original_sizes(layer: MoELayer, scores: LayerScores, original: tuple[int, int]
                        ) -> tuple[LayerScores, torch.Tensor]:
     """Scores and the presence mask padded to the original widths: micro-experts already removed from fused or shared
     experts reappear as absent (score -inf), so every allocation counts its ratio against the original model."""
-    present = _present(layer)
+    present = layer.experts.present_mask()
     width, shared_width = original
     missing = width - present.shape[1]
     routed = scores.routed

@@ -80,12 +80,7 @@ def register_bit_allocation(name: str, *, needs_stats: bool = True, needs_inputs
 def present_channels(layer: MoELayer) -> torch.Tensor | None:
     """``[E, I]`` mask of the micro-experts each expert still has (None when every expert has full width)."""
     experts = layer.experts
-    if experts.full_width:
-        return None
-    mask = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
-    for e in range(layer.num_experts):
-        mask[e, experts.channels(e).cpu()] = True
-    return mask
+    return None if experts.full_width else experts.present_mask()
 
 
 def stacked_weights(layer: MoELayer) -> ExpertWeights:
