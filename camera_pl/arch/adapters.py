@@ -289,12 +289,12 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return found
 
 
-def model_signature(model: nn.Module) -> dict:
-    """What a compatible model must match: architecture, per-layer shapes and kept widths, and a weight fingerprint."""
+def model_signature(model: nn.Module, fingerprint: bool = True) -> dict:
+    """What a compatible model must match: architecture, per-layer shapes and kept widths, and (unless
+    ``fingerprint=False``, for checks that do not compare weights) a weight fingerprint."""
     layers = moe_layers(model)
-    return {
-        "model_type": model.config.model_type,
-        "model_class": type(model).__name__,
-        "layers": [layer.signature() for layer in layers],
-        "fingerprint": [layer.fingerprint() for layer in layers],
-    }
+    out = {"model_type": model.config.model_type, "model_class": type(model).__name__,
+           "layers": [layer.signature() for layer in layers]}
+    if fingerprint:
+        out["fingerprint"] = [layer.fingerprint() for layer in layers]
+    return out

@@ -106,7 +106,7 @@ class MicroExpertStats:
         it further, not the reverse). With ``same_weights``, the weight fingerprint must match
         too (a file of statistics loaded for a model).
         """
-        mine, theirs = self.signature, model_signature(model)
+        mine, theirs = self.signature, model_signature(model, fingerprint=same_weights)
         diffs = []
         if mine["model_type"] != theirs["model_type"] or mine["model_class"] != theirs["model_class"]:
             diffs.append(f"{mine['model_class']} ({mine['model_type']}) vs {theirs['model_class']} "
