@@ -8,11 +8,19 @@ model also runs (``--loop``) through the per-expert dequantizing loop (the forwa
 an experts kind offers no grouped weights) for comparison. Statistics come
 from random tokens. Prefill is one no-grad forward over ``--tokens`` tokens; the median of
 ``--runs`` forwards per model, models interleaved, after one warm-up forward each.
-Compression time is one run. Stored bytes count every parameter and buffer of the model
-(``model bytes``) and of its routed experts alone (``expert bytes``).
+Decode is one no-grad forward of one new token per sequence on a KV cache of
+``--context`` tokens, for batches of 1 and 8 sequences (median of ``--runs`` steps; the cache
+grows by one token per step). The training step is one forward and backward with labels on
+``--train-tokens`` tokens (gradients reach the attention and router weights of every model and
+the expert weights of the dense and pruned ones). On CUDA every timing is bracketed by
+``torch.cuda.synchronize`` and ``peak MiB`` is the largest memory allocated during the
+prefill beyond what the models already held; on CPU it is the process's peak RSS after
+building. Compression time is one run. Stored bytes count every parameter and buffer of the
+model (``model bytes``) and of its routed experts alone (``expert bytes``).
 
     python benchmarks/compressed_speed.py                     # small default size (a few minutes on 2 cores)
     python benchmarks/compressed_speed.py --hidden 2048 --experts 128 --width 768 --top-k 8 --layers 2 --no-loop
+    python benchmarks/compressed_speed.py --device cuda ...   # the same on a GPU
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import platform
 import resource
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -41,6 +50,52 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``fn`` takes, with the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def prefill_peak_mib(model: torch.nn.Module, batch: dict, device: torch.device) -> float:
+    """Largest CUDA memory allocated during one prefill beyond what was held before it (NaN on CPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        model(**batch)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - held) / 2**20
+
+
+def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, device: torch.device) -> list[float]:
+    """Seconds of ``steps`` one-token decode forwards after a prefill of ``prompt`` (KV cache kept)."""
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps + 1):  # the first step warms up
+            def step():
+                nonlocal token
+                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            times.append(timed(step, device))
+    return times[1:]
+
+
+def train_step(model: torch.nn.Module, batch: dict) -> None:
+    """One forward and backward with labels; gradients are dropped afterwards."""
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -49,23 +104,33 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096, help="prefill tokens (batch of 4 sequences)")
+    parser.add_argument("--context", type=int, default=256, help="KV-cache tokens per sequence before decoding")
+    parser.add_argument("--train-tokens", type=int, default=1024, help="tokens of the training step (4 sequences)")
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--loop", action=argparse.BooleanOptionalAction, default=True,
                         help="also time CAMERA-Q through the per-expert loop (slow at large sizes)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     dims = dict(hidden_size=args.hidden, moe_intermediate_size=args.width, num_experts=args.experts,
                 num_experts_per_tok=args.top_k, num_hidden_layers=args.layers, num_attention_heads=8,
                 num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=args.width,
-                max_position_embeddings=args.tokens)
-    dense = tiny_moe("qwen3_moe", dtype=torch.bfloat16, **dims)
+                max_position_embeddings=max(args.tokens, args.context + 2 * args.runs + 8))
+    dense = tiny_moe("qwen3_moe", dtype=torch.bfloat16, **dims).to(device)
     gen = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
-    calib = [{"input_ids": torch.randint(3, vocab, (4, args.calib_tokens // 16), generator=gen)} for _ in range(4)]
-    batch = {"input_ids": torch.randint(3, vocab, (4, args.tokens // 4), generator=gen)}
+
+    def tokens(rows: int, length: int) -> torch.Tensor:
+        return torch.randint(3, vocab, (rows, length), generator=gen).to(device)
+
+    calib = [{"input_ids": tokens(4, args.calib_tokens // 16)} for _ in range(4)]
+    batch = {"input_ids": tokens(4, args.tokens // 4)}
+    train_batch = {"input_ids": tokens(4, args.train_tokens // 4)}
+    prompts = {rows: tokens(rows, args.context) for rows in (1, 8)}
 
     start = time.perf_counter()
     stats = collect_stats(dense, calib)
@@ -80,10 +145,9 @@ def main() -> None:
     models, build_s, rss = {"dense bf16": dense}, {"dense bf16": 0.0}, {"dense bf16": peak_rss_gb()}
     for name, build in builds.items():
         model = copy.deepcopy(dense)
-        start = time.perf_counter()
         with torch.no_grad():
-            build(model)
-        build_s[name], rss[name] = time.perf_counter() - start, peak_rss_gb()
+            build_s[name] = timed(lambda: build(model), device)
+        rss[name] = peak_rss_gb()
         models[name] = model
         print(f"built {name} in {build_s[name]:.1f} s (peak RSS so far {rss[name]:.2f} GB)", flush=True)
 
@@ -94,31 +158,42 @@ def main() -> None:
         name = "CAMERA-Q 2.5 bits, per-expert loop"
         models[name], build_s[name], rss[name] = looped, build_s["CAMERA-Q 2.5 bits"], rss["CAMERA-Q 2.5 bits"]
 
-    times: dict[str, list[float]] = {name: [] for name in models}
+    phases = ["prefill", "decode b1", "decode b8", "train step"]
+    times: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in phases} for name in models}
+    peak = {name: prefill_peak_mib(model, batch, device) for name, model in models.items()}  # also the warm-up
+    for name, model in models.items():
+        train_step(model, train_batch)  # warm-up
     with torch.no_grad():
-        for model in models.values():
-            model(**batch)
         for _ in range(args.runs):
             for name, model in models.items():
-                start = time.perf_counter()
-                model(**batch)
-                times[name].append(time.perf_counter() - start)
-
-    base_t = statistics.median(times["dense bf16"])
-    base_model, base_experts = tensor_bytes(dense), sum(tensor_bytes(layer.module) for layer in moe_layers(dense))
-    print(f"\nqwen3_moe bf16: hidden {args.hidden}, {args.experts} experts of width {args.width}, top-{args.top_k}, "
-          f"{args.layers} layers; prefill {batch['input_ids'].numel()} tokens, median of {args.runs} forwards "
-          f"(interleaved, 1 warm-up); torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}; statistics took {stats_s:.1f} s\n")
-    print("| model | experts kind | prefill ms | x dense | compress s | peak RSS GB | expert bytes | x dense | "
-          "model bytes | x dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+                times[name]["prefill"].append(timed(lambda: model(**batch), device))
     for name, model in models.items():
-        t = statistics.median(times[name])
+        for rows, prompt in prompts.items():
+            times[name][f"decode b{rows}"] = decode_steps(model, prompt, args.runs, device)
+    for _ in range(args.runs):
+        for name, model in models.items():
+            times[name]["train step"].append(timed(lambda: train_step(model, train_batch), device))
+
+    median = {name: {phase: statistics.median(t) for phase, t in entry.items()} for name, entry in times.items()}
+    base = median["dense bf16"]
+    base_model, base_experts = tensor_bytes(dense), sum(tensor_bytes(layer.module) for layer in moe_layers(dense))
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"\nqwen3_moe bf16 on {device.type} ({hardware}): hidden {args.hidden}, {args.experts} experts of width "
+          f"{args.width}, top-{args.top_k}, {args.layers} layers; prefill {batch['input_ids'].numel()} tokens, "
+          f"decode on a {args.context}-token cache, training step on {train_batch['input_ids'].numel()} tokens; "
+          f"median of {args.runs} runs each (models interleaved for prefill and training, 1 warm-up); "
+          f"torch {torch.__version__}; statistics took {stats_s:.1f} s\n")
+    print("| model | experts kind | " + " | ".join(f"{p} ms | x dense" for p in phases)
+          + " | compress s | peak | expert bytes | x dense | model bytes | x dense |")
+    print("|---|---|" + "---|---|" * len(phases) + "---|---|---|---|---|---|")
+    for name, model in models.items():
         experts = sum(tensor_bytes(layer.module) for layer in moe_layers(model))
         total = tensor_bytes(model)
         kind = moe_layers(model)[0].experts.kind
-        print(f"| {name} | {kind} | {t * 1e3:.0f} | {t / base_t:.2f} | {build_s[name]:.1f} | {rss[name]:.2f} | "
+        cells = " | ".join(f"{median[name][p] * 1e3:.1f} | {median[name][p] / base[p]:.2f}" for p in phases)
+        memory = f"{peak[name]:.0f} MiB" if device.type == "cuda" else f"{rss[name]:.2f} GB RSS"
+        print(f"| {name} | {kind} | {cells} | {build_s[name]:.1f} | {memory} | "
               f"{experts} | {experts / base_experts:.3f} | {total} | {total / base_model:.3f} |")
 
 
