@@ -33,6 +33,6 @@ def test_ddp_fit_with_compression_then_resume(tmp_path, scenario):
     if scenario == "quantize":
         assert any(k.endswith("up_bits") for k in keys)
     elif scenario == "prune":
-        assert any(k.endswith("channel_index") for k in keys)
+        assert any(".channels_" in k for k in keys)  # ragged experts after layer pruning
     else:
         assert not any("lora" in k for k in keys)  # merged back after the recovery steps

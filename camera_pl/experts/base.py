@@ -10,7 +10,8 @@ combinations — and all of them answer the same questions:
 * ``weights(e)``: expert ``e``'s (dequantized) weights in ``nn.Linear`` orientation;
 * ``activation(e, x)`` / ``output(e, a)``: the expert's math, optionally with explicit
   weights (GPTQ, straight-through fake quantization) or a separate up-projection input (IA³);
-* ``grouped_weights(x)``: stacked weights for grouped GEMMs, where the kind has them.
+* ``grouped_weights(x)``: stacked weights for grouped GEMMs, where the kind has them — one
+  stack, or several groups of experts (ragged experts' width buckets).
 
 :func:`as_experts` returns the interface of any experts module: camera_pl's own modules
 implement it, transformers' fused modules get a :class:`FusedExperts` view. Nothing outside
@@ -54,6 +55,21 @@ class GroupedWeights:
     up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     channels: torch.Tensor | None = None
+    widths: torch.Tensor | None = None  # [E] kept widths where slots past them must be masked out
+
+
+@dataclass
+class WeightGroups:
+    """Experts split into groups (width buckets), each with its own :class:`GroupedWeights`.
+
+    ``members[g]`` lists group ``g``'s expert ids in ascending order (its weights' leading
+    dimension follows it); ``group_of [E]`` (on the weights' device) is each expert's group,
+    ``len(members)`` for experts in none (width 0: they output zeros).
+    """
+
+    groups: list[GroupedWeights]
+    members: list[list[int]]
+    group_of: torch.Tensor
 
 
 def grouped_mm_supported(x: torch.Tensor, on_cpu: bool = True) -> bool:
@@ -97,8 +113,8 @@ class Experts:
         """Expert ``e``'s weights (views where the storage allows; ``dtype`` casts)."""
         raise NotImplementedError
 
-    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | None:
-        """Stacked weights for grouped GEMMs on ``x``'s device, or None where this kind has none."""
+    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | WeightGroups | None:
+        """Stacked weights for grouped GEMMs on ``x``'s device (one stack or several groups), or None."""
         return None
 
     def weight_parameters(self) -> list[str]:

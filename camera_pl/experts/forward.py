@@ -15,12 +15,13 @@ camera_pl's own experts modules call it from their ``forward``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from camera_pl.experts.base import Experts
+from camera_pl.experts.base import Experts, GroupedWeights, WeightGroups
 
 
 class ExpertsObserver(Protocol):
@@ -93,22 +94,63 @@ def per_expert(experts: Experts, routing: SortedRouting, observed: bool, like: t
     return (torch.cat(acts) if observed else None), torch.cat(outs)
 
 
+def grouped_rows(experts: Experts, x: torch.Tensor, counts: list[int], weights: GroupedWeights,
+                 local: torch.Tensor, observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Two grouped GEMMs over rows ``x`` sorted by expert, ``counts[i]`` rows for the i-th stacked expert.
+
+    ``local`` is each row's index into the stack (biases, masks, channels).
+    """
+    offsets = torch.tensor(list(accumulate(counts)), dtype=torch.int32, device=x.device)
+    proj = nn.functional.grouped_mm(x, weights.up, offs=offsets)
+    if weights.up_bias is not None:
+        proj = proj + weights.up_bias[local]
+    a = experts.act_packed(proj)
+    if weights.widths is not None:  # padded slots: zero whatever their weights hold
+        a = a.masked_fill(torch.arange(a.shape[1], device=a.device) >= weights.widths[local][:, None], 0)
+    out = nn.functional.grouped_mm(a, weights.down, offs=offsets)
+    if weights.down_bias is not None:
+        out = out + weights.down_bias[local]
+    if observed and weights.channels is not None:
+        a = to_original_channels(a, weights.channels[local], experts.intermediate_size)
+    return (a if observed else None), out
+
+
+def bucketed_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, buckets: WeightGroups,
+                  observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Grouped GEMMs per group of experts: rows regrouped by group (one gather), results put back (one scatter)."""
+    counts = [b - a for a, b in zip([0, *routing.ends], routing.ends)]
+    order = torch.argsort(buckets.group_of[routing.expert_ids], stable=True)  # by group, then by expert
+    xs, acts, outs, start = x[order], [], [], 0
+    for members, weights in zip(buckets.members, buckets.groups):
+        rows = [counts[e] for e in members]
+        n = sum(rows)
+        if n:
+            local = torch.repeat_interleave(torch.arange(len(members), device=x.device),
+                                            torch.tensor(rows, device=x.device), output_size=n)
+            a, out = grouped_rows(experts, xs[start:start + n], rows, weights, local, observed)
+            acts.append(a)
+            outs.append(out)
+        start += n
+    out = x.new_zeros(x.shape[0], experts.hidden_size)  # rows of width-0 experts (past ``start``) stay zero
+    if outs:
+        out[order[:start]] = torch.cat(outs)
+    if not observed:
+        return None, out
+    full = x.new_zeros(x.shape[0], experts.intermediate_size)
+    if acts:
+        full[order[:start]] = torch.cat(acts)
+    return full, out
+
+
 def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting,
                        observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows."""
     grouped = experts.grouped_weights(x)
+    if isinstance(grouped, WeightGroups):
+        return bucketed_rows(experts, x, routing, grouped, observed)
     if grouped is not None:
-        offsets = torch.tensor(routing.ends, dtype=torch.int32, device=x.device)
-        proj = nn.functional.grouped_mm(x, grouped.up, offs=offsets)
-        if grouped.up_bias is not None:
-            proj = proj + grouped.up_bias[routing.expert_ids]
-        a = experts.act_packed(proj)
-        out = nn.functional.grouped_mm(a, grouped.down, offs=offsets)
-        if grouped.down_bias is not None:
-            out = out + grouped.down_bias[routing.expert_ids]
-        if observed and grouped.channels is not None:
-            a = to_original_channels(a, grouped.channels[routing.expert_ids], experts.intermediate_size)
-        return (a if observed else None), out
+        counts = [b - a for a, b in zip([0, *routing.ends], routing.ends)]
+        return grouped_rows(experts, x, counts, grouped, routing.expert_ids, observed)
 
     def run(e: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         w = experts.weights(e, x.dtype)

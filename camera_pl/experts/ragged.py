@@ -1,9 +1,14 @@
 """Experts of unequal width: what CAMERA-P's layer-wise and global allocations leave behind.
 
 transformers' fused ``[E, 2I, H]`` tensors need every expert to keep the same width.
-:class:`RaggedExperts` stores the kept micro-experts of all experts compactly — one
-``[ΣW_e, H]`` gate and up and one ``[H, ΣW_e]`` down parameter plus the original channel
-index of each kept micro-expert — and answers the experts interface per expert slice.
+:class:`RaggedExperts` keeps the experts in a few width buckets (:mod:`camera_pl.experts.buckets`):
+bucket ``b`` stores its experts' weights as one stack in transformers' own orientation —
+``{gate_up|up}_{b} [E_b, P·W_b, H]`` (``P = 2`` with a gate, packed as the layout packs them),
+``down_{b} [E_b, H, W_b]``, biases alike — with each expert's kept micro-experts first and zeros
+after them, plus ``channels_{b} [E_b, W_b]``, the original index of every slot (``intermediate_size``
+for padding). A forward is then two grouped GEMMs per bucket over the stored weights, nothing
+materialised; padded slots are masked out of the activations, so they contribute nothing even
+when an adapter (LoRA) moves their weights.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, cast, grouped_mm_supported
+from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, WeightGroups, cast, grouped_mm_supported
+from camera_pl.experts.buckets import BucketPlan, plan_buckets
 from camera_pl.experts.module import CameraExperts
+
+LEGACY_KEYS = ("gate", "up", "down", "gate_bias", "up_bias", "channel_index")
+"""State-dict keys of the compact ``[ΣW_e, H]`` storage that camera_pl 0.2 wrote (converted on load)."""
 
 
 class RaggedExperts(CameraExperts):
@@ -23,65 +32,126 @@ class RaggedExperts(CameraExperts):
     def __init__(self, replaced: Experts, widths: list[int], dtype: torch.dtype,
                  device: torch.device | str | None = None):
         super().__init__(replaced, len(widths))
-        total, hidden = int(sum(widths)), self.hidden_size
-        kw = dict(dtype=dtype, device=device)
-        has_gate, has_bias = self.layout.has_gate, self.layout.has_bias
-        self.up = nn.Parameter(torch.empty(total, hidden, **kw))
-        self.gate = nn.Parameter(torch.empty(total, hidden, **kw)) if has_gate else None
-        self.down = nn.Parameter(torch.empty(hidden, total, **kw))
-        self.up_bias = nn.Parameter(torch.empty(total, **kw)) if has_bias else None
-        self.gate_bias = nn.Parameter(torch.empty(total, **kw)) if has_bias and has_gate else None
-        self.down_bias = nn.Parameter(torch.empty(self.num_experts, hidden, **kw)) if has_bias else None
-        self.register_buffer("channel_index", torch.zeros(total, dtype=torch.long, device=device))
         self._widths = torch.tensor(widths, dtype=torch.long)
-        self._offsets = [0] + torch.cumsum(self._widths, 0).tolist()
+        self.plan: BucketPlan = plan_buckets([int(w) for w in widths])
+        self._where = {e: (b, p) for b, members in enumerate(self.plan.members) for p, e in enumerate(members)}
+        self._dtype = dtype
+        kw = dict(dtype=dtype, device=device)
+        hidden, packed = self.hidden_size, 2 if self.layout.has_gate else 1
+        group_of = torch.full((self.num_experts,), len(self.plan.members), dtype=torch.long)
+        for b, (members, width) in enumerate(zip(self.plan.members, self.plan.widths)):
+            n = len(members)
+            group_of[list(members)] = b
+            self.register_parameter(self._up_name(b), nn.Parameter(torch.zeros(n, packed * width, hidden, **kw)))
+            self.register_parameter(f"down_{b}", nn.Parameter(torch.zeros(n, hidden, width, **kw)))
+            if self.layout.has_bias:
+                self.register_parameter(f"{self._up_name(b)}_bias", nn.Parameter(torch.zeros(n, packed * width, **kw)))
+            self.register_buffer(f"channels_{b}", torch.full((n, width), self.intermediate_size, dtype=torch.long,
+                                                             device=device))
+            self.register_buffer(f"widths_{b}", self._widths[list(members)].to(device), persistent=False)
+        self.down_bias = nn.Parameter(torch.zeros(self.num_experts, hidden, **kw)) if self.layout.has_bias else None
+        self.register_buffer("group_of", group_of.to(device), persistent=False)
+
+    def _up_name(self, b: int) -> str:
+        return f"{'gate_up' if self.layout.has_gate else 'up'}_{b}"
 
     @classmethod
     def from_experts(cls, source: Experts, keep: torch.Tensor, experts_kept: list[int] | None = None
                      ) -> "RaggedExperts":
         """Keep ``keep [E, I]`` (original indices) of ``source``'s experts ``experts_kept`` (default all)."""
         kept = range(source.num_experts) if experts_kept is None else experts_kept
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("gate", "up", "down", "gate_bias", "up_bias",
-                                                                "down_bias", "channels")}
+        weights, channels = [], []
         for e in kept:
             present = source.channels(e)
             local = keep[e, present.to(keep.device)].nonzero().squeeze(1).to(present.device)
             w = source.weights(e)
-            parts["channels"].append(present[local])
-            for name in ("gate", "up", "gate_bias", "up_bias"):
-                t = getattr(w, name)
-                if t is not None:
-                    parts[name].append(t[local])
-            parts["down"].append(w.down[:, local])
-            if w.down_bias is not None:
-                parts["down_bias"].append(w.down_bias)
-        ref = parts["up"][0]
-        new = cls(source, [len(c) for c in parts["channels"]], ref.dtype, ref.device)
+            channels.append(present[local])
+            weights.append(ExpertWeights(*(None if t is None else t[local] for t in (w.gate, w.up)),
+                                         w.down[:, local],
+                                         *(None if t is None else t[local] for t in (w.gate_bias, w.up_bias)),
+                                         w.down_bias))
+        new = cls(source, [len(c) for c in channels], weights[0].up.dtype, weights[0].up.device)
+        targets = {**dict(new.named_parameters()), **dict(new.named_buffers())}
         with torch.no_grad():
-            new.channel_index.copy_(torch.cat(parts["channels"]))
-            for name, dim in (("gate", 0), ("up", 0), ("down", 1), ("gate_bias", 0), ("up_bias", 0)):
-                if getattr(new, name) is not None:
-                    getattr(new, name).copy_(torch.cat(parts[name], dim=dim))
-            if new.down_bias is not None:
-                new.down_bias.copy_(torch.stack(parts["down_bias"]))
+            for name, tensor in new._stacked_state(weights, channels).items():
+                targets[name].copy_(tensor)
         new.train(source.module.training)
         return new
 
+    def _stacked_state(self, weights: list[ExpertWeights], channels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This module's state-dict tensors holding per-expert ``weights`` and kept ``channels`` (zero-padded)."""
+        state: dict[str, torch.Tensor] = {}
+        ref, layout = weights[0].up, self.layout
+        for b, (members, width) in enumerate(zip(self.plan.members, self.plan.widths)):
+            n = len(members)
+            gate = ref.new_zeros(n, width, self.hidden_size) if layout.has_gate else None
+            up, down = ref.new_zeros(n, width, self.hidden_size), ref.new_zeros(n, self.hidden_size, width)
+            gate_bias = ref.new_zeros(n, width) if layout.has_gate and layout.has_bias else None
+            up_bias = ref.new_zeros(n, width) if layout.has_bias else None
+            slots = torch.full((n, width), self.intermediate_size, dtype=torch.long, device=ref.device)
+            for p, e in enumerate(members):
+                w, k = weights[e], int(self._widths[e])
+                for target, source in ((gate, w.gate), (up, w.up), (gate_bias, w.gate_bias), (up_bias, w.up_bias)):
+                    if target is not None:
+                        target[p, :k] = source
+                down[p, :, :k] = w.down
+                slots[p, :k] = channels[e]
+            state[self._up_name(b)] = layout.pack(gate, up, 1)
+            state[f"down_{b}"] = down
+            if layout.has_bias:
+                state[f"{self._up_name(b)}_bias"] = layout.pack(gate_bias, up_bias, 1)
+            state[f"channels_{b}"] = slots
+        if layout.has_bias:
+            state["down_bias"] = torch.stack([w.down_bias for w in weights])
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Convert the compact storage of camera_pl 0.2 (``up [ΣW_e, H]`` ...) to buckets, then load."""
+        if prefix + "channel_index" in state_dict:
+            legacy = {k: state_dict.pop(prefix + k) for k in LEGACY_KEYS if prefix + k in state_dict}
+            bias = state_dict.get(prefix + "down_bias")
+            offsets = [0] + torch.cumsum(self._widths, 0).tolist()
+            weights, channels = [], []
+            for e in range(self.num_experts):
+                s = slice(offsets[e], offsets[e + 1])
+                weights.append(ExpertWeights(*(None if legacy.get(k) is None else legacy[k][s] for k in ("gate", "up")),
+                                             legacy["down"][:, s],
+                                             *(None if legacy.get(k) is None else legacy[k][s]
+                                               for k in ("gate_bias", "up_bias")),
+                                             None if bias is None else bias[e]))
+                channels.append(legacy["channel_index"][s])
+            state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ---- the experts interface -------------------------------------------------------------
-    def _slice(self, e: int) -> slice:
-        return slice(self._offsets[e], self._offsets[e + 1])
+    def _stacks(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Bucket ``b``'s packed gate/up stack, down stack and packed gate/up bias (or None)."""
+        name = self._up_name(b)  # read as attributes: under peft's parametrization they include the LoRA delta
+        return getattr(self, name), getattr(self, f"down_{b}"), getattr(self, f"{name}_bias", None)
 
     def widths(self) -> torch.Tensor:
         return self._widths.clone()
 
     def channels(self, e: int) -> torch.Tensor:
-        return self.channel_index[self._slice(e)]
+        if e not in self._where:
+            return self.group_of.new_zeros(0)
+        b, p = self._where[e]
+        return self.get_buffer(f"channels_{b}")[p, : int(self._widths[e])]
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
-        s = self._slice(e)
-        w = ExpertWeights(None if self.gate is None else self.gate[s], self.up[s], self.down[:, s],
-                          None if self.gate_bias is None else self.gate_bias[s],
-                          None if self.up_bias is None else self.up_bias[s],
+        if e not in self._where:  # width 0: empty weights
+            empty = torch.zeros(0, self.hidden_size, dtype=self._dtype, device=self.device)
+            bias = torch.zeros(0, dtype=self._dtype, device=self.device) if self.layout.has_bias else None
+            w = ExpertWeights(empty if self.layout.has_gate else None, empty, empty.t(),
+                              bias if self.layout.has_gate else None, bias,
+                              None if self.down_bias is None else self.down_bias[e])
+            return w if dtype is None else cast(w, dtype)
+        (b, p), k = self._where[e], int(self._widths[e])
+        up_stack, down_stack, bias_stack = self._stacks(b)
+        gate, up = self.layout.split(up_stack[p], 0)
+        gate_bias, up_bias = (None, None) if bias_stack is None else self.layout.split(bias_stack[p], 0)
+        w = ExpertWeights(None if gate is None else gate[:k], up[:k], down_stack[p][:, :k],
+                          None if gate_bias is None else gate_bias[:k], None if up_bias is None else up_bias[:k],
                           None if self.down_bias is None else self.down_bias[e])
         return w if dtype is None else cast(w, dtype)
 
@@ -94,53 +164,39 @@ class RaggedExperts(CameraExperts):
                     getattr(mine, name).copy_(getattr(w, name))
 
     def weight_parameters(self) -> list[str]:
-        return [name for name in ("gate", "up", "down") if getattr(self, name) is not None]
+        return [name for b in range(len(self.plan.members)) for name in (self._up_name(b), f"down_{b}")]
 
     @property
     def device(self) -> torch.device:
-        return self.up.device
+        return self.group_of.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.up.dtype
+        return self._stacks(0)[0].dtype if self.plan.members else self._dtype
 
-    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | None:
-        """Zero-padded weights for grouped GEMMs (CUDA bf16 only; on a CPU the per-expert loop is faster).
-
-        Widths are padded to a multiple of 8; padded channels have zero weights and biases, so
-        they contribute nothing. Built per call (differentiable).
-        """
-        if not self.layout.has_gate or self.layout.post_norm or not grouped_mm_supported(x, on_cpu=False):
+    def grouped_weights(self, x: torch.Tensor) -> WeightGroups | None:
+        """The buckets' stored stacks, in the grouped-GEMM orientation (views; gated experts without a post-norm)."""
+        if not self.layout.has_gate or self.layout.post_norm or not grouped_mm_supported(x) or self.dtype != x.dtype:
             return None
-        if self.up.dtype != x.dtype:
-            return None
-        return self.padded()
-
-    def padded(self) -> GroupedWeights:
-        """All experts zero-padded to one width (a multiple of 8), in the grouped-GEMM orientation."""
-        width = max(8, -(-int(self._widths.max()) // 8) * 8)
-        device = self.up.device
-        rows = torch.repeat_interleave(torch.arange(self.num_experts, device=device), self._widths.to(device))
-        slots = torch.arange(rows.numel(), device=device) - torch.tensor(self._offsets[:-1], device=device)[rows]
-        shape = (self.num_experts, width)
-
-        def pad(t: torch.Tensor) -> torch.Tensor:  # [ΣW, ...] -> [E, width, ...]
-            return t.new_zeros(*shape, *t.shape[1:]).index_put((rows, slots), t)
-
-        up = self.layout.pack(None if self.gate is None else pad(self.gate), pad(self.up), 1).transpose(1, 2)
-        up_bias = None
-        if self.up_bias is not None:
-            up_bias = self.layout.pack(None if self.gate_bias is None else pad(self.gate_bias), pad(self.up_bias), 1)
-        channels = torch.full(shape, self.intermediate_size, dtype=torch.long, device=device)
-        channels[rows, slots] = self.channel_index
-        return GroupedWeights(up, pad(self.down.t()), up_bias, self.down_bias, channels)
+        if any(d * x.element_size() % 16 for d in (self.hidden_size, *self.plan.widths)):
+            return None  # grouped GEMM needs 16-byte aligned strides (toy widths): the per-expert loop runs
+        groups = []
+        for b, members in enumerate(self.plan.members):
+            up, down, bias = self._stacks(b)
+            widths = self.get_buffer(f"widths_{b}")
+            padded = bool((self._widths[list(members)] < self.plan.widths[b]).any())
+            groups.append(GroupedWeights(up.transpose(1, 2), down.transpose(1, 2), bias,
+                                         None if self.down_bias is None else self.down_bias[list(members)],
+                                         self.get_buffer(f"channels_{b}"), widths if padded else None))
+        return WeightGroups(groups, [list(m) for m in self.plan.members], self.group_of)
 
     # ---- description -------------------------------------------------------------------------
     def spec(self) -> dict:
         return {"widths": self._widths.tolist()}
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, widths={self._widths.tolist()}, of={self.intermediate_size}"
+        return (f"num_experts={self.num_experts}, widths={self._widths.tolist()}, of={self.intermediate_size}, "
+                f"buckets={list(self.plan.widths)}")
 
 
 def build_ragged(spec: dict, replaced: Experts) -> RaggedExperts:

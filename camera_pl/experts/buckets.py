@@ -1,0 +1,87 @@
+"""Width buckets: how experts of unequal width are stored so that a forward is a few grouped GEMMs.
+
+Experts pruned to different widths cannot share one ``[E, W, H]`` stack without padding every
+expert to the widest. Grouping experts of similar width into a few *buckets*, each stored as
+one stack padded to the bucket's widest member (rounded up to an alignment the GEMM kernels
+like), bounds the padding while keeping the number of GEMMs small. :func:`plan_buckets`
+chooses the fewest buckets whose padding stays within a budget; it is a pure function of the
+widths, so a saved model's buckets are planned again identically on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALIGNMENTS = (64, 32, 16, 8, 4, 2, 1)
+"""Candidate bucket-width multiples, preferred first: 64 suits tensor-core tiles, CUDA's grouped GEMM
+needs 16-byte strides (8 bf16 elements); the finer ones serve only toy widths."""
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """Experts grouped into buckets: ``members[b]`` (ascending expert ids) stored at width ``widths[b]``."""
+
+    members: tuple[tuple[int, ...], ...]
+    widths: tuple[int, ...]
+    align: int
+
+    def padding(self, expert_widths: list[int]) -> int:
+        """Padded micro-experts in total (stored slots that hold no micro-expert)."""
+        return sum(w * len(m) - sum(expert_widths[e] for e in m) for m, w in zip(self.members, self.widths))
+
+
+def _round_up(width: int, align: int) -> int:
+    return -(-width // align) * align
+
+
+def choose_alignment(widths: list[int], max_padding: float) -> int:
+    """The largest of :data:`ALIGNMENTS` whose rounding alone pads at most half the budget."""
+    kept = sum(widths)
+    for align in ALIGNMENTS:
+        if sum(_round_up(w, align) - w for w in widths) <= 0.5 * max_padding * kept:
+            return align
+    return ALIGNMENTS[-1]
+
+
+def plan_buckets(widths: list[int], max_padding: float = 0.10) -> BucketPlan:
+    """The fewest width buckets whose padding is at most ``max_padding`` of the kept micro-experts.
+
+    Experts of width 0 belong to no bucket. Buckets are contiguous runs of the experts sorted by
+    width (an optimal partition has this form); for each bucket count a dynamic program finds
+    the least padding, and the first count within budget wins (at worst one bucket per distinct
+    rounded width, where only the alignment pads).
+    """
+    if not 0.0 <= max_padding < 1.0:
+        raise ValueError(f"max_padding must be in [0, 1), got {max_padding}.")
+    align = choose_alignment(widths, max_padding)
+    order = sorted((e for e, w in enumerate(widths) if w > 0), key=lambda e: (widths[e], e))
+    if not order:
+        return BucketPlan((), (), align)
+    sizes = [widths[e] for e in order]
+    n = len(sizes)
+    prefix = [0]
+    for w in sizes:
+        prefix.append(prefix[-1] + w)
+
+    def cost(i: int, j: int) -> int:  # padding of one bucket holding sorted experts i..j-1
+        return _round_up(sizes[j - 1], align) * (j - i) - (prefix[j] - prefix[i])
+
+    budget = max(max_padding * prefix[n], sum(_round_up(w, align) - w for w in sizes))
+    best = [cost(0, j) if j else 0 for j in range(n + 1)]  # least padding of the first j experts in k buckets
+    cuts = [[0] for _ in range(n + 1)]
+    distinct = len({_round_up(w, align) for w in sizes})
+    for k in range(1, distinct + 1):
+        if k > 1:
+            new, new_cuts = best[:], [c[:] for c in cuts]
+            for j in range(k, n + 1):
+                i = min(range(k - 1, j), key=lambda i: best[i] + cost(i, j))
+                if best[i] + cost(i, j) < new[j]:
+                    new[j], new_cuts[j] = best[i] + cost(i, j), cuts[i] + [i]
+            best, cuts = new, new_cuts
+        if best[n] <= budget + 1e-9 or k == distinct:
+            break
+    bounds = cuts[n] + [n]
+    members = tuple(tuple(sorted(order[a:b])) for a, b in zip(bounds, bounds[1:]) if b > a)
+    bucket_widths = tuple(_round_up(max(widths[e] for e in m), align) for m in members)
+    return BucketPlan(members, bucket_widths, align)
+

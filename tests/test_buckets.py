@@ -1,0 +1,66 @@
+"""Width buckets of ragged experts: the plan's bounds, and loading the former compact storage."""
+
+import random
+
+import pytest
+import torch
+
+from camera_pl import collect_stats, moe_layers, prune
+from camera_pl.experts.buckets import plan_buckets
+from camera_pl.testing import tiny_moe
+
+from conftest import make_batch
+
+
+@pytest.mark.parametrize("width,experts", [(768, 128), (1408, 64), (2048, 8), (96, 16), (16, 8)])
+def test_plan_pads_at_most_ten_percent_with_aligned_bucket_widths(width, experts):
+    rng = random.Random(width + experts)
+    widths = [rng.randint(width // 5, width) for _ in range(experts)] + [0]
+    plan = plan_buckets(widths)
+    members = sorted(e for m in plan.members for e in m)
+    assert members == [e for e, w in enumerate(widths) if w > 0]  # every kept expert once; width 0 in none
+    assert all(w % plan.align == 0 and all(widths[e] <= w for e in m) for m, w in zip(plan.members, plan.widths))
+    assert plan.padding(widths) <= 0.10 * sum(widths)
+    if width >= 768:
+        assert plan.align >= 32 and len(plan.members) <= 8  # real widths: tile-friendly, a handful of GEMMs
+
+
+def test_plan_is_deterministic_and_checks_its_budget():
+    widths = [700, 512, 768, 300, 301, 640, 0, 128]
+    assert plan_buckets(widths) == plan_buckets(list(widths))
+    assert len(plan_buckets([64] * 10).members) == 1 and plan_buckets([64] * 10).padding([64] * 10) == 0
+    with pytest.raises(ValueError, match="max_padding"):
+        plan_buckets(widths, max_padding=1.5)
+
+
+def compact_state(experts) -> dict[str, torch.Tensor]:
+    """The storage camera_pl 0.2 wrote for ragged experts: per-expert rows concatenated."""
+    per = [experts.weights(e) for e in range(experts.num_experts)]
+    state = {"up": torch.cat([w.up for w in per]), "down": torch.cat([w.down for w in per], dim=1),
+             "channel_index": torch.cat([experts.channels(e) for e in range(experts.num_experts)])}
+    if per[0].gate is not None:
+        state["gate"] = torch.cat([w.gate for w in per])
+    if per[0].up_bias is not None:
+        state["up_bias"] = torch.cat([w.up_bias for w in per])
+        state["down_bias"] = torch.stack([w.down_bias for w in per])
+        if per[0].gate_bias is not None:
+            state["gate_bias"] = torch.cat([w.gate_bias for w in per])
+    return state
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss"])
+def test_former_compact_storage_loads_into_buckets(arch):
+    batch = make_batch()
+    model = tiny_moe(arch)
+    prune(model, collect_stats(model, [batch]), 0.5)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    for layer in moe_layers(model):
+        module = layer.module
+        legacy = compact_state(module)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.zero_()
+        module.load_state_dict(legacy)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, expected)
