@@ -1,9 +1,10 @@
-"""Prefill speed, compression time and stored bytes of compressed MoE models against the dense bf16 model.
+"""Prefill, decode and training speed, compression time and stored bytes of compressed MoE models vs dense bf16.
 
-One random bf16 Qwen3-MoE model (``camera_pl.testing.tiny_moe`` with the given sizes) and five
-variants of it: dense, CAMERA-Q at 2.5 average bits, uniform 4 bits (both RTN, packed),
-CAMERA-P 40% with the ``layer`` allocation (unequal widths: ragged experts) and with the
-``expert`` allocation (the same fraction from every expert: fused experts). The CAMERA-Q
+One random bf16 Qwen3-MoE model (``camera_pl.testing.tiny_moe`` with the given sizes) and
+variants of it: dense (through transformers' default experts kernel, and through camera_pl's
+experts forward), CAMERA-Q at 2.5 average bits, uniform 4 bits (both RTN, packed), CAMERA-P
+40% with the ``layer`` allocation (unequal widths: ragged experts in width buckets) and with
+the ``expert`` allocation (the same fraction from every expert: fused experts). The CAMERA-Q
 model also runs (``--loop``) through the per-expert dequantizing loop (the forward used when
 an experts kind offers no grouped weights) for comparison. Statistics come
 from random tokens. Prefill is one no-grad forward over ``--tokens`` tokens; the median of
@@ -36,6 +37,7 @@ from typing import Callable
 import torch
 
 from camera_pl import collect_stats, moe_layers, prune, quantize
+from camera_pl.arch.forward import use_camera_experts
 from camera_pl.testing import tiny_moe
 
 
@@ -137,6 +139,7 @@ def main() -> None:
     stats_s = time.perf_counter() - start
 
     builds = {
+        "dense bf16, camera_pl forward": use_camera_experts,  # the same weights through camera_pl's experts forward
         "CAMERA-Q 2.5 bits": lambda m: quantize(m, stats, method="camera", avg_bits=2.5),
         "uniform 4 bits": lambda m: quantize(m, method="uniform", avg_bits=4),
         "CAMERA-P 40% layer (ragged)": lambda m: prune(m, stats, 0.4, allocation="layer"),
