@@ -1,13 +1,21 @@
 """Save and load compressed models as Hugging Face directories.
 
-``camera_pl.save`` writes ``config.json`` + ``model.safetensors`` like ``save_pretrained``
-and a ``camera_pl.json`` describing each MoE layer's structure: expert count, expert width,
-or — for camera_pl expert modules (ragged after pruning, packed after quantization) — the
-module's kind and construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
+``camera_pl.save`` writes ``config.json`` + weights like ``save_pretrained`` and a
+``camera_pl.json`` describing each MoE layer's structure: expert count, expert width, or — for
+camera_pl expert modules (ragged after pruning, packed after quantization) — the module's kind
+and construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
 modules of the recorded kinds and loads the weights strictly, so any missing, extra or
-misshapen tensor is an error. A directory without ``camera_pl.json`` is a plain
-transformers checkpoint. The same structure description travels in Lightning checkpoints
-(see :class:`camera_pl.callbacks.CameraPruning`).
+misshapen tensor is an error. A directory without ``camera_pl.json`` is a plain transformers
+checkpoint. The same structure description travels in Lightning checkpoints (see
+:class:`camera_pl.callbacks.CameraPruning`).
+
+Plain transformers loads what it can represent (fused experts, fewer or narrower ones) from
+``model.safetensors``. Experts it cannot represent (ragged, quantized, compressed) would load
+there as randomly initialised experts without an error, so such a model's weights go to
+``camera_pl.safetensors``, a name transformers does not read: ``from_pretrained`` fails on the
+missing weights file. The directory also carries ``camera_pl_model.py`` and an ``auto_map``
+entry, so ``from_pretrained(path, trust_remote_code=True)`` (and tools built on it, such as
+lm-eval's ``hf`` model with ``trust_remote_code=True``) loads it through ``camera_pl.load``.
 """
 
 from __future__ import annotations
@@ -28,7 +36,34 @@ from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_share
 
 MANIFEST = "camera_pl.json"
 WEIGHTS = "model.safetensors"
+CAMERA_WEIGHTS = "camera_pl.safetensors"
+LOADER = "camera_pl_model.py"
 FORMAT_VERSION = 2
+_AUTO_MAP = {"AutoModelForCausalLM": f"{LOADER[:-3]}.CameraPLForCausalLM"}
+
+_LOADER_SOURCE = '''"""Loads this directory, written by camera_pl.save, through transformers' Auto classes.
+
+Its experts are stored in a form plain transformers cannot represent; with
+``trust_remote_code=True`` this class hands the directory to ``camera_pl.load``.
+"""
+
+from transformers import PreTrainedModel, {config_class}
+
+
+class CameraPLForCausalLM(PreTrainedModel):
+    config_class = {config_class}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            import camera_pl
+        except ImportError as err:
+            raise ImportError("This model was compressed by camera_pl; `pip install camera_pl` to load it.") from err
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        device = kwargs.get("device_map")
+        return camera_pl.load(pretrained_model_name_or_path, dtype=None if dtype in (None, "auto") else dtype,
+                              device=device if isinstance(device, str) and device != "auto" else "cpu")
+'''
 
 
 class CheckpointError(ValueError):
@@ -82,6 +117,12 @@ def save(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
+    structure = describe_structure(model)
+    custom = any("experts" in entry for entry in structure.values())  # kinds plain transformers cannot build
+    for stale in (WEIGHTS, CAMERA_WEIGHTS, LOADER):  # from an earlier save into this directory
+        (path / stale).unlink(missing_ok=True)
+    if custom:
+        _add_loader(path, type(model.config).__name__)
     tensors = {}
     seen: dict[int, str] = {}
     for name, tensor in model.state_dict().items():
@@ -90,11 +131,19 @@ def save(model: nn.Module, path: str | Path) -> Path:
             continue
         seen[hash(key)] = name
         tensors[name] = tensor.detach().contiguous().cpu()
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(path / (CAMERA_WEIGHTS if custom else WEIGHTS)), metadata={"format": "pt"})
     info = {"version": FORMAT_VERSION, "dtype": str(next(model.parameters()).dtype),
-            "layers": describe_structure(model), "checksum": tensors_digest(tensors)}
+            "layers": structure, "checksum": tensors_digest(tensors)}
     (path / MANIFEST).write_text(json.dumps(info, indent=1))
     return path
+
+
+def _add_loader(path: Path, config_class: str) -> None:
+    """Write the ``trust_remote_code`` loader and point ``config.json``'s ``auto_map`` at it."""
+    (path / LOADER).write_text(_LOADER_SOURCE.format(config_class=config_class))
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = _AUTO_MAP
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -103,16 +152,20 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
-        raise CheckpointError(f"{path} is not a model directory: it needs config.json and {WEIGHTS}.")
+    weights = next((path / name for name in (CAMERA_WEIGHTS, WEIGHTS) if (path / name).is_file()), None)
+    if not (path / "config.json").is_file() or weights is None:
+        raise CheckpointError(f"{path} is not a model directory: it needs config.json and {WEIGHTS} "
+                              f"(or {CAMERA_WEIGHTS}).")
     try:
         config = AutoConfig.from_pretrained(path)
-        state = load_file(str(path / WEIGHTS), device=str(device))
+        state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} holds an unreadable config or weights file ({err}).") from err
+    if getattr(config, "auto_map", None) == _AUTO_MAP:  # serves this directory only: not for a later save_pretrained
+        del config.auto_map
     info = _read_manifest(path / MANIFEST) if (path / MANIFEST).exists() else None
     if info is not None and info.get("checksum") != tensors_digest(state):
-        raise CheckpointError(f"{path / WEIGHTS} does not match the checksum recorded in {MANIFEST}: its bytes were "
+        raise CheckpointError(f"{weights} does not match the checksum recorded in {MANIFEST}: its bytes were "
                               "changed or damaged after camera_pl.save. Save the model again.")
     saved_dtype = getattr(torch, info["dtype"].split(".")[-1]) if info else None
     with no_init_weights():  # every tensor is overwritten from the file below

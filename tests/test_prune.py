@@ -109,7 +109,7 @@ def test_corrupt_checkpoint_errors(tmp_path):
     model = tiny_moe("qwen3_moe")
     prune(model, collect_stats(model, [make_batch()]), 0.4)
     camera_pl.save(model, tmp_path / "m")
-    (tmp_path / "m" / "model.safetensors").write_bytes(b"broken")
+    (tmp_path / "m" / "camera_pl.safetensors").write_bytes(b"broken")  # ragged: the camera_pl weights file
     with pytest.raises(camera_pl.CheckpointError, match="unreadable"):
         camera_pl.load(tmp_path / "m")
 
