@@ -30,6 +30,11 @@ class ExpertsObserver(Protocol):
                 out_norms: torch.Tensor, top_k_weights: torch.Tensor) -> None: ...
 
 
+def segment_ends(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative row counts ``[E]`` of sorted ``expert_ids`` (ids ``>= num_experts`` not counted), without a host sync."""
+    return torch.searchsorted(expert_ids, torch.arange(1, num_experts + 1, device=expert_ids.device))
+
+
 @dataclass
 class SortedRouting:
     """The routed (token, slot) pairs of one forward, sorted by expert, sentinels dropped."""
@@ -42,22 +47,20 @@ class SortedRouting:
 
     @classmethod
     def of(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> "SortedRouting":
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        expert_ids = flat[order]
-        counts = torch.bincount(expert_ids.clamp(max=num_experts), minlength=num_experts + 1)
-        ends = counts.cumsum(0).tolist()  # the one host sync
-        valid = ends[num_experts - 1]
+        expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        ends = segment_ends(expert_ids, num_experts).tolist()  # the one host sync (bincount on CUDA adds two)
+        valid = ends[-1]  # sentinels (ids >= num_experts) sort last and are dropped
         order = order[:valid]
-        return cls(order, expert_ids[:valid], order // top_k_index.shape[1], top_k_weights.reshape(-1)[order],
-                   ends[:num_experts])
+        return cls(order, expert_ids[:valid], order // top_k_index.shape[1], top_k_weights.reshape(-1)[order], ends)
 
     def combine(self, out: torch.Tensor, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the per-slot outputs ``out [S, H]`` back to tokens, in transformers' order and dtype."""
         num_tokens, top_k = top_k_weights.shape
         out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-        slots = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype)
-        slots[self.order] = out * self.weights[:, None]
+        shape = (num_tokens * top_k, hidden_states.shape[-1])
+        # every slot is written unless sentinels were dropped: zero-fill only then
+        slots = (hidden_states.new_empty if len(self.order) == shape[0] else hidden_states.new_zeros)(shape, dtype=out_dtype)
+        slots.index_copy_(0, self.order, out * self.weights[:, None])
         return slots.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
@@ -98,7 +101,7 @@ def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting
     """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows."""
     grouped = experts.grouped_weights(x)
     if grouped is not None:
-        offsets = torch.tensor(routing.ends, dtype=torch.int32, device=x.device)
+        offsets = segment_ends(routing.expert_ids, len(routing.ends)).int()  # on device: no H2D copy and sync
         proj = nn.functional.grouped_mm(x, grouped.up, offs=offsets)
         if grouped.up_bias is not None:
             proj = proj + grouped.up_bias[routing.expert_ids]
