@@ -98,7 +98,7 @@ class LayerObserver:
         bounds = nn.functional.pad(segment_ends(expert_ids, self.layer.num_experts), (1, 0))
         lengths = bounds.diff()
         w = weights.float()
-        act_sq, sq, sq_max = micro_sums(acts, bounds, keep, w.square())  # keep·g²·a² = (g a)² of kept rows
+        act_sq, sq, sq_max = micro_sums(acts, expert_ids, bounds, keep, w.square())  # keep·g²·a² = (g a)² of kept rows
         self._state("act_sq_sum").add_(act_sq)
         self._state("sq_sum").add_(sq)
         torch.maximum(self._state("sq_max"), sq_max, out=self._state("sq_max"))

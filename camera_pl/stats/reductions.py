@@ -4,9 +4,9 @@
 (expert, micro-expert), ``Σ keep·a²``, ``Σ keep·g²·a²`` and ``max keep·g²·a²`` in float32. On
 CUDA with Triton this is one kernel that reads the activations once in their own dtype (no
 float32 copy, no per-expert loop, no host sync) and writes per-split partials that are
-summed in a fixed order, so results are deterministic. Elsewhere it uses torch's segment
-reductions over one float32 buffer. Both compute every element as ``(keep·a)²·g²`` in float32;
-they differ only in summation order.
+summed in a fixed order, so results are deterministic. Elsewhere it uses torch's row-indexed
+reductions over one float32 buffer (deterministic on CPU). Both compute every element as
+``(keep·a)²·g²`` in float32; they differ only in summation order.
 """
 
 from __future__ import annotations
@@ -21,30 +21,29 @@ BLOCK_COLS = 64
 ROWS_PER_PROGRAM = 256  # rows of an average expert per program: splits experts into enough programs to fill the GPU
 
 
-def micro_sums(acts: torch.Tensor, bounds: torch.Tensor, keep: torch.Tensor,
+def micro_sums(acts: torch.Tensor, expert_ids: torch.Tensor, bounds: torch.Tensor, keep: torch.Tensor,
                g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(Σ keep·a², Σ keep·g²·a², max keep·g²·a²)``, each ``[E, I]`` float32, over each expert's rows.
 
-    ``bounds [E + 1]`` are the row offsets of the experts' segments in ``acts``; ``keep`` (0/1,
-    padding) and ``g2`` (squared routing weight) are float32 per row.
+    ``expert_ids [S]`` are the rows' (sorted) experts and ``bounds [E + 1]`` the row offsets of
+    their segments; ``keep`` (0/1, padding) and ``g2`` (squared routing weight) are float32 per row.
     """
     kernel = _triton_kernel() if acts.is_cuda and acts.stride(-1) == 1 else None
     if kernel is None:
-        return _torch_sums(acts, bounds, keep, g2)
+        return _torch_sums(acts, expert_ids, bounds.numel() - 1, keep, g2)
     return _triton_sums(kernel, acts, bounds, keep, g2)
 
 
-def _torch_sums(acts: torch.Tensor, bounds: torch.Tensor, keep: torch.Tensor,
+def _torch_sums(acts: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, keep: torch.Tensor,
                 g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lengths = bounds.diff()
-
-    def per_expert(rows: torch.Tensor, how: str = "sum") -> torch.Tensor:
-        return torch.segment_reduce(rows, how, lengths=lengths, axis=0, unsafe=True, initial=0.0)
-
-    a2 = torch.mul(acts, keep[:, None]).square_()  # keep is float32: one float32 buffer, reused in place
-    act_sq = per_expert(a2)
+    """Row-indexed reductions (``index_add_``/``scatter_reduce_``: on CPU several times faster than
+    ``segment_reduce`` and equal to it bit for bit) over one float32 buffer, reused in place."""
+    a2 = acts.to(torch.float32, copy=True).mul_(keep[:, None]).square_()
+    zeros = a2.new_zeros(num_experts, a2.shape[1])
+    act_sq = zeros.index_add(0, expert_ids, a2)
     ga2 = a2.mul_(g2[:, None])
-    return act_sq, per_expert(ga2), per_expert(ga2, "max")
+    sq_max = zeros.scatter_reduce(0, expert_ids[:, None].expand_as(ga2), ga2, "amax")  # includes the 0 start
+    return act_sq, zeros.index_add(0, expert_ids, ga2), sq_max
 
 
 def _triton_sums(kernel: Callable, acts: torch.Tensor, bounds: torch.Tensor, keep: torch.Tensor,
