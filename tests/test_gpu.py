@@ -52,3 +52,18 @@ def test_bf16_cuda_prune_train_save_load(arch, tmp_path):
     loaded = camera_pl.load(tmp_path / arch, device="cuda")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_micro_sums_match_torch_reductions(dtype):
+    """The Triton reduction equals torch's row-indexed reductions (strided rows, an empty expert, uneven segments)."""
+    from camera_pl.stats.reductions import _torch_sums, micro_sums
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (5000,), generator=gen).sort().values
+    ids[ids == 1] = 2
+    ids, bounds = ids.cuda(), torch.nn.functional.pad(torch.searchsorted(ids, torch.arange(1, 7)), (1, 0)).cuda()
+    acts = torch.randn(5000, 201, generator=gen).to(dtype).cuda()[:, :200]
+    keep, g2 = (torch.rand(5000, generator=gen) > 0.2).float().cuda(), torch.rand(5000, generator=gen).cuda()
+    for got, want in zip(micro_sums(acts, ids, bounds, keep, g2), _torch_sums(acts, ids, 6, keep, g2)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,6 @@ camera_pl's own experts modules call it from their ``forward``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Callable, Protocol
 
 import torch
@@ -31,6 +30,11 @@ class ExpertsObserver(Protocol):
                 out_norms: torch.Tensor, top_k_weights: torch.Tensor) -> None: ...
 
 
+def segment_ends(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative row counts ``[E]`` of sorted ``expert_ids`` (ids ``>= num_experts`` not counted), without a host sync."""
+    return torch.searchsorted(expert_ids, torch.arange(1, num_experts + 1, device=expert_ids.device))
+
+
 @dataclass
 class SortedRouting:
     """The routed (token, slot) pairs of one forward, sorted by expert, sentinels dropped."""
@@ -43,22 +47,20 @@ class SortedRouting:
 
     @classmethod
     def of(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> "SortedRouting":
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        expert_ids = flat[order]
-        counts = torch.bincount(expert_ids.clamp(max=num_experts), minlength=num_experts + 1)
-        ends = counts.cumsum(0).tolist()  # the one host sync
-        valid = ends[num_experts - 1]
+        expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        ends = segment_ends(expert_ids, num_experts).tolist()  # the one host sync (bincount on CUDA adds two)
+        valid = ends[-1]  # sentinels (ids >= num_experts) sort last and are dropped
         order = order[:valid]
-        return cls(order, expert_ids[:valid], order // top_k_index.shape[1], top_k_weights.reshape(-1)[order],
-                   ends[:num_experts])
+        return cls(order, expert_ids[:valid], order // top_k_index.shape[1], top_k_weights.reshape(-1)[order], ends)
 
     def combine(self, out: torch.Tensor, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the per-slot outputs ``out [S, H]`` back to tokens, in transformers' order and dtype."""
         num_tokens, top_k = top_k_weights.shape
         out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-        slots = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype)
-        slots[self.order] = out * self.weights[:, None]
+        shape = (num_tokens * top_k, hidden_states.shape[-1])
+        # every slot is written unless sentinels were dropped: zero-fill only then
+        slots = (hidden_states.new_empty if len(self.order) == shape[0] else hidden_states.new_zeros)(shape, dtype=out_dtype)
+        slots.index_copy_(0, self.order, out * self.weights[:, None])
         return slots.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
@@ -94,13 +96,12 @@ def per_expert(experts: Experts, routing: SortedRouting, observed: bool, like: t
     return (torch.cat(acts) if observed else None), torch.cat(outs)
 
 
-def grouped_rows(experts: Experts, x: torch.Tensor, counts: list[int], weights: GroupedWeights,
+def grouped_rows(experts: Experts, x: torch.Tensor, offsets: torch.Tensor, weights: GroupedWeights,
                  local: torch.Tensor, observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Two grouped GEMMs over rows ``x`` sorted by expert, ``counts[i]`` rows for the i-th stacked expert.
+    """Two grouped GEMMs over rows ``x`` sorted by expert; ``offsets`` (int32) ends each stacked expert's rows.
 
     ``local`` is each row's index into the stack (biases, masks, channels).
     """
-    offsets = torch.tensor(list(accumulate(counts)), dtype=torch.int32, device=x.device)
     proj = nn.functional.grouped_mm(x, weights.up, offs=offsets)
     if weights.up_bias is not None:
         proj = proj + weights.up_bias[local]
@@ -125,9 +126,10 @@ def bucketed_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, buc
         rows = [counts[e] for e in members]
         n = sum(rows)
         if n:
-            local = torch.repeat_interleave(torch.arange(len(members), device=x.device),
-                                            torch.tensor(rows, device=x.device), output_size=n)
-            a, out = grouped_rows(experts, xs[start:start + n], rows, weights, local, observed)
+            counts_b = torch.tensor(rows, device=x.device)
+            local = torch.repeat_interleave(torch.arange(len(members), device=x.device), counts_b, output_size=n)
+            offsets = counts_b.cumsum(0).to(torch.int32)
+            a, out = grouped_rows(experts, xs[start:start + n], offsets, weights, local, observed)
             acts.append(a)
             outs.append(out)
         start += n
@@ -149,8 +151,8 @@ def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting
     if isinstance(grouped, WeightGroups):
         return bucketed_rows(experts, x, routing, grouped, observed)
     if grouped is not None:
-        counts = [b - a for a, b in zip([0, *routing.ends], routing.ends)]
-        return grouped_rows(experts, x, counts, grouped, routing.expert_ids, observed)
+        offsets = segment_ends(routing.expert_ids, len(routing.ends)).int()  # on device: no H2D copy and sync
+        return grouped_rows(experts, x, offsets, grouped, routing.expert_ids, observed)
 
     def run(e: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         w = experts.weights(e, x.dtype)

@@ -19,6 +19,8 @@ from torchmetrics import Metric
 
 from camera_pl.arch.adapters import MoELayer, moe_layers
 from camera_pl.arch.forward import use_camera_experts
+from camera_pl.experts.forward import segment_ends
+from camera_pl.stats.reductions import micro_sums
 
 RATIO_BINS = 1000
 """Histogram bins of the top-2/top-1 routing-weight ratio on [0, 1] (median resolution 1e-3)."""
@@ -93,21 +95,17 @@ class LayerObserver:
         """Routed experts: called by camera_pl's experts forward with (token, slot) pairs sorted by expert."""
         mask = self.observation.token_mask(top_k_weights.shape[0], top_k_weights.device)
         keep = mask[token_ids].float()
-        lengths = torch.bincount(expert_ids, minlength=self.layer.num_experts)
-        g = weights.float() * keep
-
-        def per_expert(rows: torch.Tensor, how: str = "sum") -> torch.Tensor:  # rows arrive sorted by expert
-            return torch.segment_reduce(rows, how, lengths=lengths, axis=0, unsafe=True, initial=0.0)
-
-        a2 = acts.float()  # one float32 [S, I] buffer, reused in place below
-        a2 = a2.square_() if a2.data_ptr() != acts.data_ptr() else a2.square()
-        self._state("act_sq_sum").add_(per_expert(a2.mul_(keep[:, None])))
-        ga2 = a2.mul_(weights.float().square()[:, None])  # keep is 0/1, so keep * g^2 a^2 = (g a)^2 of kept rows
-        self._state("sq_sum").add_(per_expert(ga2))
-        torch.maximum(self._state("sq_max"), per_expert(ga2, "max"), out=self._state("sq_max"))
+        bounds = nn.functional.pad(segment_ends(expert_ids, self.layer.num_experts), (1, 0))
+        lengths = bounds.diff()
+        w = weights.float()
+        act_sq, sq, sq_max = micro_sums(acts, expert_ids, bounds, keep, w.square())  # keep·g²·a² = (g a)² of kept rows
+        self._state("act_sq_sum").add_(act_sq)
+        self._state("sq_sum").add_(sq)
+        torch.maximum(self._state("sq_max"), sq_max, out=self._state("sq_max"))
+        g = w * keep
         for name, rows in (("count", keep), ("weight_sum", g), ("out_norm_sum", out_norms * keep),
-                           ("weighted_out_norm_sum", out_norms * g)):
-            self._state(name).add_(per_expert(rows))
+                           ("weighted_out_norm_sum", out_norms * g)):  # 1-D segments: one CUB reduction each on CUDA
+            self._state(name).add_(torch.segment_reduce(rows, "sum", lengths=lengths, unsafe=True, initial=0.0))
         if top_k_weights.shape[1] >= 2:
             top2 = top_k_weights.float().topk(2, dim=-1).values
             ratio = top2[:, 1] / top2[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
