@@ -67,3 +67,21 @@ def test_fused_micro_sums_match_torch_reductions(dtype):
     keep, g2 = (torch.rand(5000, generator=gen) > 0.2).float().cuda(), torch.rand(5000, generator=gen).cuda()
     for got, want in zip(micro_sums(acts, ids, bounds, keep, g2), _torch_sums(acts, ids, 6, keep, g2)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_bf16_cuda_ragged_buckets_run_grouped_and_match_the_loop(arch, monkeypatch):
+    """Layer-pruned experts on CUDA: grouped GEMMs over the width buckets, equal to the per-expert loop."""
+    from camera_pl import moe_layers
+    from camera_pl.experts.ragged import RaggedExperts
+
+    model = tiny_moe(arch, dtype=torch.bfloat16, moe_intermediate_size=256, intermediate_size=256).cuda()
+    batch = cuda_batch()
+    prune(model, collect_stats(model, [batch]), 0.4)
+    x = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16, device="cuda")
+    assert all(layer.experts.grouped_weights(x) is not None for layer in moe_layers(model))
+    with torch.no_grad():
+        grouped = model(**batch).logits.float()
+        monkeypatch.setattr(RaggedExperts, "grouped_weights", lambda self, x: None)
+        loop = model(**batch).logits.float()
+    torch.testing.assert_close(grouped, loop, rtol=0.05, atol=0.1)

@@ -1,5 +1,7 @@
 """LoRA recovery: adapters on attention and (fused or ragged) experts, merging, recovery in a Trainer."""
 
+import logging
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -94,3 +96,13 @@ def test_recovery_inside_fit_continues_the_lr_schedule():
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == trainer.global_step == 9
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 10 / 20)  # warmup step 10 of 20, not restarted
+
+
+def test_recovery_fit_is_quiet(recwarn, caplog):
+    """No Lightning tips, accelerator report or warnings a user cannot act on; modules train in train mode."""
+    model = tiny_moe("qwen3_moe")
+    caplog.set_level(logging.INFO)
+    recover(model, list(torch.utils.data.DataLoader(samples()[:8], batch_size=4)), LoRAConfig(rank=2, steps=2),
+            accelerator="cpu")
+    assert not [str(w.message) for w in recwarn.list]
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]

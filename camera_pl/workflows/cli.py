@@ -53,6 +53,16 @@ def _table(metrics: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """No per-file progress bars from transformers (weight loading) and datasets (tokenising): the
+    runner prints one line per step and Lightning's bar shows training."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="camera-pl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--model", default="reference")
     evaluate.add_argument("--out")
     args = parser.parse_args(argv)
+    _quiet_libraries()
 
     if args.command == "run":
         if args.resume and not args.out:
