@@ -122,17 +122,27 @@ def test_rarely_routed_experts_fall_back_to_layer_hessian():
     assert all(torch.isfinite(q.dequantize()).all() for rows in mats.values() for q in rows)
 
 
-def test_pmq_milp_is_optimal_and_respects_constraints():
-    gen = torch.Generator().manual_seed(0)
-    coef = torch.rand(5, 3, generator=gen).sort(dim=1, descending=True).values
-    for avg in (1.6, 2.0, 2.6):
-        bits = pmq_bits(coef, (1, 2, 3), avg)
-        assert bits.sum() <= 5 * avg and (bits == 3).any() and (bits == 2).any()
-        best = min(sum(coef[i, b - 1] for i, b in enumerate(choice)) for choice in itertools.product((1, 2, 3), repeat=5)
-                   if sum(choice) <= 5 * avg and 3 in choice and 2 in choice)
-        assert abs(sum(coef[i, b - 1] for i, b in enumerate(bits.tolist())) - best) < 1e-6
+@pytest.mark.parametrize("n,choices", [(5, (1, 2, 3)), (6, (1, 2, 3)), (4, (2, 3, 4, 8))])
+def test_pmq_is_exactly_optimal_against_brute_force(n, choices):
+    gen = torch.Generator().manual_seed(n)
+    for trial in range(4):
+        coef = torch.rand(n, len(choices), generator=gen).sort(dim=1, descending=True).values
+        if trial == 3:
+            coef = coef.round(decimals=1)  # ties: the fewest bits among equal costs
+        low = (choices[-1] + choices[-2] + (n - 2) * choices[0]) / n
+        for avg in (low, low + 0.3, (low + choices[-1]) / 2, choices[-1]):
+            bits = pmq_bits(coef, choices, avg).tolist()
+            col = {b: j for j, b in enumerate(choices)}
+            feasible = [(sum(coef[i, col[b]].item() for i, b in enumerate(x)), sum(x))
+                        for x in itertools.product(choices, repeat=n)
+                        if sum(x) <= n * avg + 1e-9 and choices[-1] in x and choices[-2] in x]
+            best_cost = min(cost for cost, _ in feasible)
+            got = sum(coef[i, col[b]].item() for i, b in enumerate(bits))
+            assert sum(bits) <= n * avg + 1e-9 and choices[-1] in bits and choices[-2] in bits
+            assert abs(got - best_cost) < 1e-12
+            assert sum(bits) == min(used for cost, used in feasible if abs(cost - best_cost) < 1e-12)
     with pytest.raises(ValueError, match="infeasible"):
-        pmq_bits(coef, (1, 2, 3), 1.2)
+        pmq_bits(torch.rand(n, len(choices)), choices, choices[0] + 0.01)
 
 
 @pytest.mark.parametrize("method", ["camera", "matrix", "channel", "pmq"])

@@ -28,6 +28,7 @@ by a Lagrangian relaxation followed by greedy upgrades.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -186,32 +187,44 @@ def solve_budget(cost: torch.Tensor, size: torch.Tensor, choices: tuple[int, ...
 
 
 def pmq_bits(coef: torch.Tensor, choices: tuple[int, ...], avg_bits: float) -> torch.Tensor:
-    """MC's PMQ integer program for one layer: bits per expert ``[E]``.
+    """MC's PMQ integer program for one layer, solved exactly: bits per expert ``[E]``.
 
-    Minimises ``Σ_i Σ_j coef[i, j]·x_ij`` with one choice per expert, ``Σ bits ≤ E·avg_bits``
-    and at least one expert at each of the two largest choices (MC: one at 3 and one at 2
-    bits). Solved exactly with SciPy's HiGHS MILP solver.
+    Minimises ``Σ_i coef[i, choice_i]`` with one choice per expert, ``Σ bits ≤ E·avg_bits`` and at
+    least one expert at each of the two largest choices (MC: one at 3 and one at 2 bits). A
+    dynamic program over (experts so far, bits used, has-largest, has-second) — ``E × E·max(bits) × 4``
+    states — finds the optimum exactly and deterministically (a MILP solver stops within a
+    relative gap and may return a slightly worse allocation); equal costs go to fewer bits.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     n, k = coef.shape
-    c = torch.tensor(choices, dtype=torch.float64)
-    need = float(c[-1] + c[-2] + (n - 2) * c[0])
+    c = [int(b) for b in choices]
+    need = c[-1] + c[-2] + (n - 2) * c[0]
     if n < 2 or need > n * avg_bits + 1e-9:
         raise ValueError(f"PMQ is infeasible for {n} experts at avg_bits={avg_bits}: one expert at {choices[-1]} bits, "
                          f"one at {choices[-2]} and the rest at {choices[0]} already need {need / max(n, 1):.3f} bits "
                          "on average. Raise avg_bits or use another method.")
-    obj = coef.double() / coef.max().clamp_min(1e-300)
-    obj = (obj + 1e-9 * c[None]).flatten().numpy()  # ties go to fewer bits
-    one_each = torch.kron(torch.eye(n, dtype=torch.float64), torch.ones(1, k, dtype=torch.float64))
-    budget = c.repeat(n)[None]
-    top = torch.zeros(2, n * k, dtype=torch.float64)
-    top[0, k - 1::k] = 1
-    top[1, k - 2::k] = 1
-    constraints = [LinearConstraint(one_each.numpy(), 1, 1), LinearConstraint(budget.numpy(), 0, n * avg_bits + 1e-9),
-                   LinearConstraint(top.numpy(), 1, n)]
-    res = milp(obj, constraints=constraints, integrality=1, bounds=Bounds(0, 1))
-    if res.x is None:
-        raise ValueError(f"PMQ integer program failed ({res.message}); check avg_bits={avg_bits} and the error table.")
-    x = torch.from_numpy(res.x).reshape(n, k).round()
-    return c[x.argmax(1)].long()
+    budget = int(math.floor(n * avg_bits + 1e-9))
+    cost = coef.double().cpu()
+    flag = [(2 if j == k - 1 else 0) | (1 if j == k - 2 else 0) for j in range(k)]  # bit 2: largest, bit 1: second
+    inf = float("inf")
+    # best[b, f]: least (cost, bits) of the experts so far using exactly b bits with flags f
+    best = torch.full((budget + 1, 4), inf, dtype=torch.float64)
+    best[0, 0] = 0.0
+    picks = torch.zeros(n, budget + 1, 4, dtype=torch.int8)
+    for i in range(n):
+        new = torch.full_like(best, inf)
+        for j in range(k):
+            shifted = torch.full_like(best, inf)
+            shifted[c[j]:] = best[: budget + 1 - c[j]] + cost[i, j]
+            for f in range(4):  # OR this choice's flag into every state
+                target = f | flag[j]
+                better = shifted[:, f] < new[:, target]  # strict: the lower choice (fewer bits) wins ties
+                new[:, target] = torch.where(better, shifted[:, f], new[:, target])
+                picks[i, :, target] = torch.where(better, torch.full_like(picks[i, :, target], j * 4 + f),
+                                                  picks[i, :, target])
+        best = new
+    b = int(torch.argmin(best[:, 3]))  # the least cost with both flags; among equal costs the fewest bits
+    bits, f = [0] * n, 3
+    for i in reversed(range(n)):
+        j, f_prev = divmod(int(picks[i, b, f]), 4)
+        bits[i], b, f = c[j], b - c[j], f_prev
+    return torch.tensor(bits, dtype=torch.long)
