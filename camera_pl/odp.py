@@ -235,7 +235,7 @@ class OdpHandle:
         return {rule.layer.index: rule.usage() for rule in self.rules}
 
     def skipped_fraction(self) -> float:
-        """Fraction of the routed expert calls (token × top-k slot, all layers) that ODP skipped."""
+        """Fraction of the routed expert calls (token × top-k slot) that ODP skipped, over the layers it runs on."""
         used = self.usage().values()
         slots = sum(u.slots for u in used)
         if slots == 0:
@@ -243,7 +243,7 @@ class OdpHandle:
         return sum(u.skipped for u in used) / slots
 
     def activated_params_per_token(self) -> tuple[float, float]:
-        """Routed-expert weight elements run per token, summed over MoE layers: ``(with ODP, full top-k)``."""
+        """Routed-expert weight elements run per token, summed over the layers ODP runs on: ``(with ODP, full top-k)``."""
         used = [u for u in self.usage().values() if u.tokens]
         if not used:
             raise ValueError("ODP has measured nothing yet: run the model first (or since the last reset()).")
@@ -303,13 +303,21 @@ class OdpConfig(Config):
             0 turns protection off (weight rule only, attention untouched).
         thresholds: one μ for all layers, or ``{layer_index: μ}`` overriding the statistics;
             None takes each layer's calibration median of ``w1/w0``.
+        layers: indices of the MoE layers ODP runs on (MC applies it to a chosen subset);
+            None: every MoE layer.
     """
 
     protect_ratio: float = 0.02
     thresholds: float | dict[int, float] | None = None
+    layers: list[int] | None = None
 
     def check(self) -> None:
         self._number("protect_ratio", 0.0, 1.0)
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in self.layers) or not self.layers:
+                self._fail("layers", "expected a non-empty list of MoE layer indices, or None for every layer.")
+            object.__setattr__(self, "layers", sorted(set(self.layers)))
         t = self.thresholds
         if isinstance(t, dict):
             for layer, mu in t.items():
@@ -338,6 +346,12 @@ def apply_odp(model: nn.Module, stats: MicroExpertStats | None = None, config: O
     if hasattr(model, "_camera_odp_handle"):
         raise RuntimeError("ODP is already installed on this model; call handle.remove() before installing it again.")
     layers = moe_layers(model)
+    if config.layers is not None:
+        unknown = sorted(set(config.layers) - {layer.index for layer in layers})
+        if unknown:
+            raise ValueError(f"OdpConfig.layers names MoE layers {unknown}, which this model does not have; its MoE "
+                             f"layers are {[layer.index for layer in layers]}.")
+        layers = [layer for layer in layers if layer.index in config.layers]
     if stats is not None:
         stats.check_compatible(model)
     mus = _thresholds(layers, stats, config.thresholds)

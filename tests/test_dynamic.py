@@ -239,3 +239,24 @@ def test_bad_inputs():
     top1 = tiny_moe("qwen3_moe", num_experts_per_tok=1)
     with pytest.raises(ValueError, match="thresholds="):
         apply_odp(top1, collect_stats(top1, [make_batch()]))
+
+
+def test_layer_subset_leaves_other_layers_untouched():
+    """MC runs ODP on chosen layers: the others see their full top-k, and thresholds are needed only for the chosen."""
+    model = tiny_moe("qwen3_moe")
+    indices = [layer.index for layer in moe_layers(model)]
+    seen, hooks = record_routing(model)
+    handle = apply_odp(model, None, protect_ratio=0.0, thresholds={indices[0]: 1.0}, layers=[indices[0]])
+    logits(model, make_batch(pad_from=None))
+    assert handle.thresholds == {indices[0]: 1.0} and handle.skipped_fraction() > 0
+    for layer in moe_layers(model):
+        received = seen["experts"][layer.index][0]
+        dropped = (received >= layer.num_experts).any()  # skipped slots arrive as sentinel ids
+        assert bool(dropped) == (layer.index == indices[0])
+    handle.remove()
+    for hook in hooks:
+        hook.remove()
+    with pytest.raises(ValueError, match=r"OdpConfig.layers names MoE layers \[9\]"):
+        apply_odp(model, None, thresholds=0.5, layers=[9])
+    with pytest.raises(ValueError, match="non-empty list"):
+        apply_odp(model, None, thresholds=0.5, layers="0")

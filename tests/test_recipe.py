@@ -11,7 +11,7 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 def test_bundled_recipes_exist_and_validate():
     names = {p.stem for p in RECIPES}
-    assert {"compress_recover", "gradual_prune_finetune", "analysis", "camera_q_2bit", "mc_pmq"} <= names
+    assert {"compress_recover", "gradual_prune_finetune", "analysis", "camera_q_2bit", "mc_pmq", "mc_reproduce"} <= names
     for path in RECIPES:
         recipe = load_recipe(path)
         assert recipe.steps and recipe.model.name
