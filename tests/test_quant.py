@@ -244,7 +244,7 @@ def _both_paths(model, monkeypatch, run):
     assert all(layer.experts.grouped_weights(x) is not None for layer in layers)  # the grouped path is taken
     grouped = run(model)
     with monkeypatch.context() as patch:
-        patch.setattr(QuantizedExperts, "grouped_weights", lambda self, x: None)
+        patch.setattr(QuantizedExperts, "grouped_weights", lambda self, x, hit=None: None)
         looped = run(model)
     return grouped, looped
 

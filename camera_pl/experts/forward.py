@@ -2,7 +2,8 @@
 
 The (token, slot) pairs of a forward are sorted by expert and each hit expert runs once —
 through grouped GEMMs where the kind offers stacked weights
-(:meth:`~camera_pl.experts.base.Experts.grouped_weights`), else one matmul pair per hit
+(:meth:`~camera_pl.experts.base.Experts.grouped_weights`; kinds that build them per call
+build only the hit experts' and the GEMMs skip the others), else one matmul pair per hit
 expert. The micro-expert activations it computed are handed to an observer when one is
 attached (``module._camera_observer``), in original micro-expert indices, so statistics
 cost no second expert matmul and output with and without an observer is bit-identical
@@ -39,6 +40,10 @@ class SortedRouting:
     token_ids: torch.Tensor
     weights: torch.Tensor
     ends: list[int]  # cumulative row counts per expert
+
+    def hit(self) -> list[int]:
+        """Ascending ids of the experts with at least one row (from the host-side counts: no sync)."""
+        return [e for e, (start, end) in enumerate(zip([0, *self.ends], self.ends)) if end > start]
 
     @classmethod
     def of(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> "SortedRouting":
@@ -96,9 +101,13 @@ def per_expert(experts: Experts, routing: SortedRouting, observed: bool, like: t
 def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting,
                        observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows."""
-    grouped = experts.grouped_weights(x)
-    if grouped is not None:
-        offsets = torch.tensor(routing.ends, dtype=torch.int32, device=x.device)
+    hit = routing.hit()
+    grouped = None
+    if hit:
+        grouped = experts.grouped_weights(x, hit) if experts.grouped_subsets else experts.grouped_weights(x)
+    if grouped is not None:  # stacks of all experts, or of the hit ones only (the others have no rows)
+        ends = routing.ends if grouped.experts is None else [routing.ends[e] for e in grouped.experts]
+        offsets = torch.tensor(ends, dtype=torch.int32, device=x.device)
         proj = nn.functional.grouped_mm(x, grouped.up, offs=offsets)
         if grouped.up_bias is not None:
             proj = proj + grouped.up_bias[routing.expert_ids]
