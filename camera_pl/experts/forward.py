@@ -3,7 +3,7 @@
 The (token, slot) pairs of a forward are sorted by expert and each hit expert runs once —
 through grouped GEMMs where the kind offers stacked weights
 (:meth:`~camera_pl.experts.base.Experts.grouped_weights`; kinds that build them per call
-build only the hit experts' and the GEMMs skip the others), else one matmul pair per hit
+build only the hit experts', in batches of bounded size), else one matmul pair per hit
 expert. The micro-expert activations it computed are handed to an observer when one is
 attached (``module._camera_observer``), in original micro-expert indices, so statistics
 cost no second expert matmul and output with and without an observer is bit-identical
@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from camera_pl.experts.base import Experts
+from camera_pl.experts.base import Experts, GroupedWeights
 
 
 class ExpertsObserver(Protocol):
@@ -98,26 +98,65 @@ def per_expert(experts: Experts, routing: SortedRouting, observed: bool, like: t
     return (torch.cat(acts) if observed else None), torch.cat(outs)
 
 
+GROUPED_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 27}
+"""Weight entries of the experts one :meth:`~camera_pl.experts.base.Experts.grouped_weights` call builds, for
+kinds that build them per call (:attr:`~camera_pl.experts.base.Experts.grouped_subsets`): the hit experts
+run in batches of about this size, which bounds the built stacks and the GEMM temporaries (peak memory).
+On a CPU the blocks stay below glibc's 32 MiB mmap ceiling, so the allocator reuses them instead of
+page-faulting fresh memory in for every batch; on CUDA larger batches keep the kernel launches few."""
+
+
+def _batches(experts: Experts, hit: list[int], device: torch.device) -> list[list[int]]:
+    """The hit experts in ascending runs whose weights fit :data:`GROUPED_BUDGET` (at least one expert each)."""
+    budget = GROUPED_BUDGET.get(device.type, GROUPED_BUDGET["cuda"])
+    counts = experts.parameter_counts().tolist()
+    batches, size = [[]], 0
+    for e in hit:
+        if batches[-1] and size + counts[e] > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(e)
+        size += counts[e]
+    return batches
+
+
+def _grouped(experts: Experts, x: torch.Tensor, routing: SortedRouting, grouped: GroupedWeights,
+             observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Activations and outputs of the sorted rows of the experts whose stacks ``grouped`` holds: two grouped GEMMs."""
+    ids = grouped.experts
+    first = 0 if ids is None or ids[0] == 0 else routing.ends[ids[0] - 1]
+    ends = routing.ends if ids is None else [routing.ends[e] - first for e in ids]
+    rows = slice(first, first + ends[-1])
+    x, expert_ids = x[rows], routing.expert_ids[rows]
+    offsets = torch.tensor(ends, dtype=torch.int32, device=x.device)
+    proj = nn.functional.grouped_mm(x, grouped.up, offs=offsets)
+    if grouped.up_bias is not None:
+        proj = proj + grouped.up_bias[expert_ids]
+    a = experts.act_packed(proj)
+    out = nn.functional.grouped_mm(a, grouped.down, offs=offsets)
+    if grouped.down_bias is not None:
+        out = out + grouped.down_bias[expert_ids]
+    if observed and grouped.channels is not None:
+        a = to_original_channels(a, grouped.channels[expert_ids], experts.intermediate_size)
+    return (a if observed else None), out
+
+
 def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting,
                        observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows."""
     hit = routing.hit()
-    grouped = None
     if hit:
-        grouped = experts.grouped_weights(x, hit) if experts.grouped_subsets else experts.grouped_weights(x)
-    if grouped is not None:  # stacks of all experts, or of the hit ones only (the others have no rows)
-        ends = routing.ends if grouped.experts is None else [routing.ends[e] for e in grouped.experts]
-        offsets = torch.tensor(ends, dtype=torch.int32, device=x.device)
-        proj = nn.functional.grouped_mm(x, grouped.up, offs=offsets)
-        if grouped.up_bias is not None:
-            proj = proj + grouped.up_bias[routing.expert_ids]
-        a = experts.act_packed(proj)
-        out = nn.functional.grouped_mm(a, grouped.down, offs=offsets)
-        if grouped.down_bias is not None:
-            out = out + grouped.down_bias[routing.expert_ids]
-        if observed and grouped.channels is not None:
-            a = to_original_channels(a, grouped.channels[routing.expert_ids], experts.intermediate_size)
-        return (a if observed else None), out
+        parts = []
+        for batch in _batches(experts, hit, x.device) if experts.grouped_subsets else [None]:
+            grouped = experts.grouped_weights(x) if batch is None else experts.grouped_weights(x, batch)
+            if grouped is None:  # no grouped weights for x's device and dtype: the per-expert loop
+                break
+            parts.append(_grouped(experts, x, routing, grouped, observed))
+        else:
+            acts, outs = zip(*parts)
+            if len(parts) == 1:
+                return acts[0], outs[0]
+            return (torch.cat(acts) if observed else None), torch.cat(outs)
 
     def run(e: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         w = experts.weights(e, x.dtype)
