@@ -108,7 +108,7 @@ page-faulting fresh memory in for every batch; on CUDA larger batches keep the k
 
 def _batches(experts: Experts, hit: list[int], device: torch.device) -> list[list[int]]:
     """The hit experts in ascending runs whose weights fit :data:`GROUPED_BUDGET` (at least one expert each)."""
-    budget = GROUPED_BUDGET.get(device.type, GROUPED_BUDGET["cuda"])
+    budget = GROUPED_BUDGET["cpu" if device.type == "cpu" else "cuda"]
     counts = experts.parameter_counts().tolist()
     batches, size = [[]], 0
     for e in hit:

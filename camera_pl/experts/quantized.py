@@ -17,13 +17,17 @@ Rows of equal bit-width are kept together, per matrix and bit-width, in expert o
 
 The rows of expert ``e`` at ``b`` bits are a contiguous slice, whose start is precomputed
 once from ``{m}_bits``. Where grouped GEMMs run (CPU fp32/bf16, CUDA bf16; gated experts
-without a post-expert norm), :meth:`QuantizedExperts.grouped_weights` dequantizes all
-experts at once — one unpack per (matrix, bit-width), scattered to precomputed positions
-in zero-padded ``[E, width, H]`` stacks — and the experts forward runs two grouped GEMMs.
-Otherwise :meth:`~QuantizedExperts.weights` dequantizes each hit expert. Both cast the
-float32 weights to the activations' dtype and run the experts' own math, so the output
-matches the model with the dequantized weights written back (fake quantization). The
-packed module is for inference: codes are buffers, only biases stay trainable.
+without a post-expert norm), :meth:`QuantizedExperts.grouped_weights` dequantizes the experts
+a forward hits (decoding: a few of them; the experts forward asks for them in batches of
+bounded size) into compact zero-padded ``[n, width, H]`` stacks: per (matrix, bit-width),
+the hit experts' rows are unpacked at once (a table lookup per packed window), dequantized
+in bounded float32 chunks and written, cast once, to precomputed rows of the stacks in the
+activations' dtype; the experts forward then runs two grouped GEMMs over those experts.
+Otherwise :meth:`~QuantizedExperts.weights` dequantizes each hit expert to float32 and casts it.
+Both give the float32 dequantized weights rounded once to the activations' dtype and run the
+experts' own math, so the output matches the model with the dequantized weights written back
+(fake quantization). The packed module is for inference: codes are buffers, only biases stay
+trainable.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ def _table(bits: int, device: torch.device) -> torch.Tensor:
     return _TABLES[bits, device]
 
 
+def _pad_columns(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t [N, C]`` zero-padded to a multiple of ``multiple`` columns (``t`` itself where it has one)."""
+    return t if t.shape[1] % multiple == 0 else nn.functional.pad(t, (0, -t.shape[1] % multiple))
+
+
 def _codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """Codes of bit-packed rows as float32 ``[N, columns]`` (exact integers); columns past the stored codes
     hold zeros or left-over bits, for callers that cut them off again (padding to whole quantization groups).
@@ -85,17 +94,17 @@ def _codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
         codes = packed.to(torch.float32)
     elif bits in _WINDOW_BITS:
         if bits == 3:  # 3 bytes = two 12-bit windows of 4 codes
-            triples = nn.functional.pad(packed, (0, (-packed.shape[1]) % 3)).view(n, -1, 3).int()
+            triples = _pad_columns(packed, 3).view(n, -1, 3).int()
             low = triples[..., 0] | ((triples[..., 1] & 15) << 8)
             window = torch.stack([low, (triples[..., 1] >> 4) | (triples[..., 2] << 4)], -1)
         elif bits == 4:  # 16-bit windows of 4 codes
-            window = nn.functional.pad(packed, (0, packed.shape[1] % 2)).view(torch.int16).int() & 0xFFFF
+            window = _pad_columns(packed, 2).view(torch.int16).int() & 0xFFFF
         else:  # byte windows of 8 or 4 codes
             window = packed.int()
         codes = _table(bits, packed.device).index_select(0, window.view(-1)).view(n, -1)
     else:
         wide = torch.int64  # a word of 8 codes has 40–56 bits
-        packed = nn.functional.pad(packed, (0, (-packed.shape[1]) % bits))
+        packed = _pad_columns(packed, bits)
         byte_shifts = torch.arange(0, 8 * bits, 8, dtype=wide, device=packed.device)
         words = (packed.view(n, -1, bits).to(wide) << byte_shifts).sum(-1)  # bytes never overlap
         code_shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=packed.device)
@@ -290,9 +299,10 @@ class QuantizedExperts(CameraExperts):
         def take(t: torch.Tensor) -> torch.Tensor:
             return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
+        scale = take(getattr(self, f"{m}_s{b}")).view(SCALE_DTYPE)
         zero = take(getattr(self, f"{m}_z{b}")) if b > 1 else None
-        _dequantize_into(out, dest, take(getattr(self, f"{m}_q{b}")), b,
-                         take(getattr(self, f"{m}_s{b}")).view(SCALE_DTYPE), zero, self._spec["matrices"][m]["group_size"])
+        _dequantize_into(out, dest, take(getattr(self, f"{m}_q{b}")), b, scale, zero,
+                         self._spec["matrices"][m]["group_size"])
 
     def _plan(self, device: torch.device) -> _GroupedPlan:
         """The cached :class:`_GroupedPlan` on ``device`` (one host sync, on first use)."""
