@@ -157,7 +157,7 @@ def main() -> None:
     if args.loop:  # the per-expert dequantizing loop, for comparison
         looped = copy.deepcopy(models["CAMERA-Q 2.5 bits"])
         for layer in moe_layers(looped):
-            layer.module.grouped_weights = lambda x: None
+            layer.module.grouped_weights = lambda x, hit=None: None
         name = "CAMERA-Q 2.5 bits, per-expert loop"
         models[name], build_s[name], rss[name] = looped, build_s["CAMERA-Q 2.5 bits"], rss["CAMERA-Q 2.5 bits"]
 

@@ -254,7 +254,7 @@ def _both_paths(model, monkeypatch, run):
     assert all(layer.experts.grouped_weights(x) is not None for layer in layers)  # the grouped path is taken
     grouped = run(model)
     with monkeypatch.context() as patch:
-        patch.setattr(QuantizedExperts, "grouped_weights", lambda self, x: None)
+        patch.setattr(QuantizedExperts, "grouped_weights", lambda self, x, hit=None: None)
         looped = run(model)
     return grouped, looped
 
@@ -288,3 +288,35 @@ def test_grouped_forward_of_pruned_experts_and_bf16(stats_of, monkeypatch):
     grouped, looped = _both_paths(half, monkeypatch, logits)
     assert grouped.dtype == torch.bfloat16
     torch.testing.assert_close(grouped, looped, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch,method,dtype", [("qwen3_moe", "camera", torch.float32),
+                                               ("gpt_oss", "camera", torch.float32),
+                                               ("deepseek_v3", "channel", torch.float32),  # down rows per output
+                                               ("olmoe", "camera", torch.bfloat16)])
+def test_decode_sized_grouped_forward_builds_only_hit_experts(arch, method, dtype, stats_of, monkeypatch):
+    from camera_pl.experts import forward
+
+    kwargs = dict(method=method, avg_bits=2.5, group_size=16)
+    fake, packed = tiny_moe(arch, dtype=dtype), tiny_moe(arch, dtype=dtype)
+    quantize(fake, stats_of(arch), pack=False, **kwargs)
+    quantize(packed, stats_of(arch), **kwargs)
+    layer, fake_layer = moe_layers(packed)[0], moe_layers(fake)[0]
+    experts = layer.experts
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, experts.hidden_size, generator=gen).to(dtype)
+    weights = torch.rand(3, 2, generator=gen).to(dtype)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    for hit in ([1, 5], [2, 3], [0, 5]):  # scattered and consecutive experts, one token each or shared
+        index = torch.tensor([hit, hit[::-1], hit])
+        built = experts.grouped_weights(x, hit)
+        assert built.experts == hit and built.up.shape[0] == built.down.shape[0] == 2
+        for e, up in zip(hit, built.up):  # the stacks hold exactly those experts' dequantized weights
+            assert torch.equal(experts.layout.split(up.t(), 0)[1], experts.weights(e, dtype).up)
+        grouped = layer.module(x, index, weights)
+        with monkeypatch.context() as patch:
+            patch.setattr(forward, "GROUPED_BUDGET", {"cpu": 1})  # one expert per grouped_weights call
+            torch.testing.assert_close(layer.module(x, index, weights), grouped, rtol=0, atol=atol)
+            patch.setattr(QuantizedExperts, "grouped_weights", lambda self, x, hit=None: None)
+            torch.testing.assert_close(layer.module(x, index, weights), grouped, rtol=0, atol=atol)
+        torch.testing.assert_close(fake_layer.module(x, index, weights), grouped, rtol=0, atol=atol)

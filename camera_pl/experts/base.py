@@ -10,8 +10,9 @@ combinations — and all of them answer the same questions:
 * ``weights(e)``: expert ``e``'s (dequantized) weights in ``nn.Linear`` orientation;
 * ``activation(e, x)`` / ``output(e, a)``: the expert's math, optionally with explicit
   weights (GPTQ, straight-through fake quantization) or a separate up-projection input (IA³);
-* ``grouped_weights(x)``: stacked weights for grouped GEMMs, where the kind has them — one
-  stack, or several groups of experts (ragged experts' width buckets).
+* ``grouped_weights(x, hit)``: stacked weights for grouped GEMMs, where the kind has them — one
+  stack, or several groups of experts (ragged experts' width buckets); kinds that build them
+  per call (e.g. by dequantizing) stack only the experts ``hit``.
 
 :func:`as_experts` returns the interface of any experts module: camera_pl's own modules
 implement it, transformers' fused modules get a :class:`FusedExperts` view. Nothing outside
@@ -43,11 +44,14 @@ class ExpertWeights:
 
 @dataclass
 class GroupedWeights:
-    """Weights of all experts for grouped GEMMs over expert-sorted rows.
+    """Weights of experts for grouped GEMMs over expert-sorted rows.
 
-    ``up [E, H, P]`` produces the packed gate/up projection in the module's layout
-    (``P = 2W`` with a gate), ``down [E, W, H]``; ``channels [E, W]`` maps a padded slot to its
-    original micro-expert index (``intermediate_size`` for padding), or is None at full width.
+    ``up [n, H, P]`` produces the packed gate/up projection in the module's layout
+    (``P = 2W`` with a gate), ``down [n, W, H]``, for the ``n`` experts ``experts`` (ascending
+    expert ids; None: all ``E``). Biases, ``channels [., W]`` and ``widths`` are indexed by expert
+    id — or, inside a :class:`WeightGroups` group, by position in the group. ``channels`` maps a
+    padded slot to its original micro-expert index (``intermediate_size`` for padding), or is None
+    at full width; ``widths`` (kept widths) is set where slots past them must be masked out.
     """
 
     up: torch.Tensor
@@ -55,7 +59,8 @@ class GroupedWeights:
     up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     channels: torch.Tensor | None = None
-    widths: torch.Tensor | None = None  # [E] kept widths where slots past them must be masked out
+    widths: torch.Tensor | None = None
+    experts: list[int] | None = None
 
 
 @dataclass
@@ -89,6 +94,10 @@ class Experts:
     hidden_size: int
     intermediate_size: int
     layout: ExpertsLayout
+    grouped_subsets: bool = False
+    """Whether :meth:`grouped_weights` builds stacks of only the experts ``hit`` it is given (kinds that build
+    them per call, e.g. by dequantizing: decoding then builds 8 of 128 experts). The experts forward passes
+    ``hit`` only to these kinds."""
 
     # ---- storage: provided by each kind ----------------------------------------------------------
     @property
@@ -113,8 +122,13 @@ class Experts:
         """Expert ``e``'s weights (views where the storage allows; ``dtype`` casts)."""
         raise NotImplementedError
 
-    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | WeightGroups | None:
-        """Stacked weights for grouped GEMMs on ``x``'s device (one stack or several groups), or None."""
+    def grouped_weights(self, x: torch.Tensor, hit: list[int] | None = None
+                        ) -> GroupedWeights | WeightGroups | None:
+        """Stacked weights for grouped GEMMs on ``x``'s device (one stack or several groups), or None.
+
+        ``hit``: ascending ids of the experts that have rows in this forward (None: all); a kind
+        with :attr:`grouped_subsets` may stack only those (:attr:`GroupedWeights.experts`).
+        """
         return None
 
     def weight_parameters(self) -> list[str]:
@@ -252,7 +266,8 @@ class FusedExperts(Experts):
     def dtype(self) -> torch.dtype:
         return self._module.down_proj.dtype
 
-    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | None:
+    def grouped_weights(self, x: torch.Tensor, hit: list[int] | None = None) -> GroupedWeights | None:
+        """Views of all experts' weights (``hit`` is not needed: nothing is built)."""
         layout, m = self.layout, self._module
         if layout.post_norm or not layout.has_gate or not grouped_mm_supported(x):
             return None

@@ -2,7 +2,8 @@
 
 The (token, slot) pairs of a forward are sorted by expert and each hit expert runs once —
 through grouped GEMMs where the kind offers stacked weights
-(:meth:`~camera_pl.experts.base.Experts.grouped_weights`), else one matmul pair per hit
+(:meth:`~camera_pl.experts.base.Experts.grouped_weights`; kinds that build them per call
+build only the hit experts', in batches of bounded size), else one matmul pair per hit
 expert. The micro-expert activations it computed are handed to an observer when one is
 attached (``module._camera_observer``), in original micro-expert indices, so statistics
 cost no second expert matmul and output with and without an observer is bit-identical
@@ -44,6 +45,10 @@ class SortedRouting:
     token_ids: torch.Tensor
     weights: torch.Tensor
     ends: list[int]  # cumulative row counts per expert
+
+    def hit(self) -> list[int]:
+        """Ascending ids of the experts with at least one row (from the host-side counts: no sync)."""
+        return [e for e, (start, end) in enumerate(zip([0, *self.ends], self.ends)) if end > start]
 
     @classmethod
     def of(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> "SortedRouting":
@@ -96,24 +101,60 @@ def per_expert(experts: Experts, routing: SortedRouting, observed: bool, like: t
     return (torch.cat(acts) if observed else None), torch.cat(outs)
 
 
+GROUPED_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 27}
+"""Weight entries of the experts one :meth:`~camera_pl.experts.base.Experts.grouped_weights` call builds, for
+kinds that build them per call (:attr:`~camera_pl.experts.base.Experts.grouped_subsets`): the hit experts
+run in batches of about this size, which bounds the built stacks and the GEMM temporaries (peak memory).
+On a CPU the blocks stay below glibc's 32 MiB mmap ceiling, so the allocator reuses them instead of
+page-faulting fresh memory in for every batch; on CUDA larger batches keep the kernel launches few."""
+
+
+def _batches(experts: Experts, hit: list[int], device: torch.device) -> list[list[int]]:
+    """The hit experts in ascending runs whose weights fit :data:`GROUPED_BUDGET` (at least one expert each)."""
+    budget = GROUPED_BUDGET["cpu" if device.type == "cpu" else "cuda"]
+    counts = experts.parameter_counts().tolist()
+    batches, size = [[]], 0
+    for e in hit:
+        if batches[-1] and size + counts[e] > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(e)
+        size += counts[e]
+    return batches
+
+
 def grouped_rows(experts: Experts, x: torch.Tensor, offsets: torch.Tensor, weights: GroupedWeights,
-                 local: torch.Tensor, observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+                 index: torch.Tensor, observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Two grouped GEMMs over rows ``x`` sorted by expert; ``offsets`` (int32) ends each stacked expert's rows.
 
-    ``local`` is each row's index into the stack (biases, masks, channels).
+    ``index`` is each row's index into the biases, ``channels`` and ``widths`` of ``weights``.
     """
     proj = nn.functional.grouped_mm(x, weights.up, offs=offsets)
     if weights.up_bias is not None:
-        proj = proj + weights.up_bias[local]
+        proj = proj + weights.up_bias[index]
     a = experts.act_packed(proj)
     if weights.widths is not None:  # padded slots: zero whatever their weights hold
-        a = a.masked_fill(torch.arange(a.shape[1], device=a.device) >= weights.widths[local][:, None], 0)
+        a = a.masked_fill(torch.arange(a.shape[1], device=a.device) >= weights.widths[index][:, None], 0)
     out = nn.functional.grouped_mm(a, weights.down, offs=offsets)
     if weights.down_bias is not None:
-        out = out + weights.down_bias[local]
+        out = out + weights.down_bias[index]
     if observed and weights.channels is not None:
-        a = to_original_channels(a, weights.channels[local], experts.intermediate_size)
+        a = to_original_channels(a, weights.channels[index], experts.intermediate_size)
     return (a if observed else None), out
+
+
+def stacked_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, weights: GroupedWeights,
+                 observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The sorted rows of the experts one stack holds (all, or the ascending run ``weights.experts``)."""
+    ids = weights.experts
+    if ids is None:
+        offsets = segment_ends(routing.expert_ids, len(routing.ends)).int()  # on device: no H2D copy and sync
+        return grouped_rows(experts, x, offsets, weights, routing.expert_ids, observed)
+    first = 0 if ids[0] == 0 else routing.ends[ids[0] - 1]
+    ends = [routing.ends[e] - first for e in ids]
+    rows = slice(first, first + ends[-1])
+    offsets = torch.tensor(ends, dtype=torch.int32, device=x.device)
+    return grouped_rows(experts, x[rows], offsets, weights, routing.expert_ids[rows], observed)
 
 
 def bucketed_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, buckets: WeightGroups,
@@ -146,13 +187,30 @@ def bucketed_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, buc
 
 def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting,
                        observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows."""
-    grouped = experts.grouped_weights(x)
-    if isinstance(grouped, WeightGroups):
-        return bucketed_rows(experts, x, routing, grouped, observed)
-    if grouped is not None:
-        offsets = segment_ends(routing.expert_ids, len(routing.ends)).int()  # on device: no H2D copy and sync
-        return grouped_rows(experts, x, offsets, grouped, routing.expert_ids, observed)
+    """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of sorted rows.
+
+    Grouped GEMMs where the kind offers stacks for ``x`` (one stack, width buckets, or per-call
+    stacks of the hit experts in bounded batches), else one expert at a time.
+    """
+    hit = routing.hit()
+    if hit and experts.grouped_subsets:
+        parts = []
+        for batch in _batches(experts, hit, x.device):
+            grouped = experts.grouped_weights(x, batch)
+            if grouped is None:  # no grouped weights for x's device and dtype: the per-expert loop
+                break
+            parts.append(stacked_rows(experts, x, routing, grouped, observed))
+        else:
+            acts, outs = zip(*parts)
+            if len(parts) == 1:
+                return acts[0], outs[0]
+            return (torch.cat(acts) if observed else None), torch.cat(outs)
+    elif hit:
+        grouped = experts.grouped_weights(x)
+        if isinstance(grouped, WeightGroups):
+            return bucketed_rows(experts, x, routing, grouped, observed)
+        if grouped is not None:
+            return stacked_rows(experts, x, routing, grouped, observed)
 
     def run(e: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         w = experts.weights(e, x.dtype)

@@ -17,13 +17,17 @@ Rows of equal bit-width are kept together, per matrix and bit-width, in expert o
 
 The rows of expert ``e`` at ``b`` bits are a contiguous slice, whose start is precomputed
 once from ``{m}_bits``. Where grouped GEMMs run (CPU fp32/bf16, CUDA bf16; gated experts
-without a post-expert norm), :meth:`QuantizedExperts.grouped_weights` dequantizes all
-experts at once — one unpack per (matrix, bit-width), scattered to precomputed positions
-in zero-padded ``[E, width, H]`` stacks — and the experts forward runs two grouped GEMMs.
-Otherwise :meth:`~QuantizedExperts.weights` dequantizes each hit expert. Both cast the
-float32 weights to the activations' dtype and run the experts' own math, so the output
-matches the model with the dequantized weights written back (fake quantization). The
-packed module is for inference: codes are buffers, only biases stay trainable.
+without a post-expert norm), :meth:`QuantizedExperts.grouped_weights` dequantizes the experts
+a forward hits (decoding: a few of them; the experts forward asks for them in batches of
+bounded size) into compact zero-padded ``[n, width, H]`` stacks: per (matrix, bit-width),
+the hit experts' rows are unpacked at once (a table lookup per packed window), dequantized
+in bounded float32 chunks and written, cast once, to precomputed rows of the stacks in the
+activations' dtype; the experts forward then runs two grouped GEMMs over those experts.
+Otherwise :meth:`~QuantizedExperts.weights` dequantizes each hit expert to float32 and casts it.
+Both give the float32 dequantized weights rounded once to the activations' dtype and run the
+experts' own math, so the output matches the model with the dequantized weights written back
+(fake quantization). The packed module is for inference: codes are buffers, only biases stay
+trainable.
 """
 
 from __future__ import annotations
@@ -54,55 +58,102 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 codes ``[N, length]``.
+    """Inverse of :func:`pack_codes`: uint8 codes ``[N, length]``."""
+    return _codes(packed, bits, length).to(torch.uint8)
 
-    Widths dividing 8 shift whole bytes; others read each code (at most two bytes) from a
-    16-bit window: a few vectorised ops for all rows at once, no bit planes.
+
+_WINDOW_BITS = {1: 8, 2: 8, 3: 12, 4: 16}  # packed bits read at once through a table, per code width
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _table(bits: int, device: torch.device) -> torch.Tensor:
+    """Float32 ``[2^w, w / bits]``: the codes (LSB first) of every ``w``-bit window value (cached per device)."""
+    if (bits, device) not in _TABLES:
+        window = _WINDOW_BITS[bits]
+        values = torch.arange(1 << window)[:, None] >> torch.arange(0, window, bits)
+        _TABLES[bits, device] = (values & ((1 << bits) - 1)).float().to(device)
+    return _TABLES[bits, device]
+
+
+def _pad_columns(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t [N, C]`` zero-padded to a multiple of ``multiple`` columns (``t`` itself where it has one)."""
+    return t if t.shape[1] % multiple == 0 else nn.functional.pad(t, (0, -t.shape[1] % multiple))
+
+
+def _codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """Codes of bit-packed rows as float32 ``[N, columns]`` (exact integers); columns past the stored codes
+    hold zeros or left-over bits, for callers that cut them off again (padding to whole quantization groups).
+
+    1–4 bits: one table lookup per 8-, 12- or 16-bit window of the packed bytes (byte
+    pairs read as little-endian int16) turns it into its 2–8 codes, already float; that is
+    several times faster than shifting every code out and converting it. 8 bits: the bytes
+    themselves. 5–7 bits: every ``bits`` bytes are read as one word of 8 codes and shifted.
     """
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        return ((packed[..., None] >> shifts) & mask).reshape(packed.shape[0], -1)[:, :length]
-    first = torch.arange(length, device=packed.device) * bits
-    byte, shift = first // 8, (first % 8).to(torch.int32)
-    wide = nn.functional.pad(packed, (0, 1))
-    window = wide[:, byte].to(torch.int32) | (wide[:, byte + 1].to(torch.int32) << 8)
-    return ((window >> shift) & mask).to(torch.uint8)
+    n = packed.shape[0]
+    if bits == 8:
+        codes = packed.to(torch.float32)
+    elif bits in _WINDOW_BITS:
+        if bits == 3:  # 3 bytes = two 12-bit windows of 4 codes
+            triples = _pad_columns(packed, 3).view(n, -1, 3).int()
+            low = triples[..., 0] | ((triples[..., 1] & 15) << 8)
+            window = torch.stack([low, (triples[..., 1] >> 4) | (triples[..., 2] << 4)], -1)
+        elif bits == 4:  # 16-bit windows of 4 codes
+            window = _pad_columns(packed, 2).view(torch.int16).int() & 0xFFFF
+        else:  # byte windows of 8 or 4 codes
+            window = packed.int()
+        codes = _table(bits, packed.device).index_select(0, window.view(-1)).view(n, -1)
+    else:
+        wide = torch.int64  # a word of 8 codes has 40–56 bits
+        packed = _pad_columns(packed, bits)
+        byte_shifts = torch.arange(0, 8 * bits, 8, dtype=wide, device=packed.device)
+        words = (packed.view(n, -1, bits).to(wide) << byte_shifts).sum(-1)  # bytes never overlap
+        code_shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=packed.device)
+        codes = ((words[..., None] >> code_shifts) & ((1 << bits) - 1)).view(n, -1).to(torch.float32)
+    return codes[:, :columns] if codes.shape[1] >= columns else nn.functional.pad(codes, (0, columns - codes.shape[1]))
 
 
-def _dequantize_block(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
-                      ) -> torch.Tensor:
-    """Float32 rows of one bit-width from codes ``[N, C]`` and per-group ``scale``/``zero`` ``[N, G]``.
+def _dequantize_into(out: torch.Tensor, dest: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,
+                     zero: torch.Tensor | None, group_size: int) -> None:
+    """Dequantize bit-packed rows into rows ``dest`` of ``out [R, C]``, in ``out``'s dtype.
 
-    The same arithmetic as :func:`~camera_pl.quant.quantizers.dequantize` (bit-identical), in
-    place on ``[N, G, g]`` groups instead of expanded per-entry grids; ``zero`` None means 1-bit rows.
+    The same arithmetic as :func:`~camera_pl.quant.quantizers.dequantize` — ``(q − z)·s``, or
+    ``(2q − 1)·s`` at 1 bit (``zero`` None) — in place on one float32 ``[N, G, g]`` block
+    (per-group scales and zeros broadcast, no per-entry grids), cast once to ``out``'s dtype:
+    bit-identical to fake quantization's weights (float32 dequantization cast to the weights' dtype).
     """
-    n, length = codes.shape
+    n, length = packed.shape[0], out.shape[1]
     groups = scale.shape[1]
-    q = nn.functional.pad(codes, (0, groups * group_size - length)).view(n, groups, group_size).float()
-    s = scale.float()[..., None]
-    w = q.mul_(2).sub_(1).mul_(s) if zero is None else q.sub_(zero.float()[..., None]).mul_(s)
-    return w.reshape(n, -1)[:, :length]
+    w = _codes(packed, bits, groups * group_size).view(n, groups, group_size)
+    w = w.mul_(2).sub_(1) if zero is None else w.sub_(zero.float()[..., None])
+    w = w.mul_(scale.float()[..., None]).view(n, -1)[:, :length]
+    out.index_copy_(0, dest, w.to(out.dtype))
 
 
-_CHUNK = 1 << 24  # entries dequantized at once: bounds the float temporaries of the grouped path
+_CHUNK = 1 << 24  # entries dequantized at once: bounds the temporaries of the grouped path
 
 
 @dataclass
 class _GroupedPlan:
     """Where the stored rows go in the zero-padded expert stacks (computed once per device).
 
-    ``width``: common padded width (a multiple of 8); ``channels [E, width]``: original
+    ``width``: common padded width (a multiple of 8); ``padded``: whether any expert is
+    narrower (its stacks then start from zeros); ``channels [E, width]``: original
     micro-expert of each slot (``intermediate_size`` for padding) or None at full, aligned
     width; ``slots [ΣW]``: padded position ``e·width + j`` of every kept micro-expert;
     ``dest[m][b]``: padded row of each row stored at ``b`` bits for matrix ``m`` (gate and up
-    rows: rows of the packed ``[E·2·width, H]`` gate/up stack, in the module's layout).
+    rows: rows of the packed ``[E·2·width, H]`` gate/up stack, in the module's layout), on the
+    device and (``host``) on the CPU; ``per[m]``: rows of one expert in ``m``'s stack;
+    ``starts[m][b]``: int64 ``[E + 1]`` (CPU) first stored row of each expert at ``b`` bits.
     """
 
     width: int
+    padded: bool
     channels: torch.Tensor | None
     slots: torch.Tensor
     dest: dict[str, dict[int, torch.Tensor]]
+    host: dict[str, dict[int, torch.Tensor]]
+    per: dict[str, int]
+    starts: dict[str, dict[int, torch.Tensor]]
 
 
 class QuantizedExperts(CameraExperts):
@@ -113,6 +164,7 @@ class QuantizedExperts(CameraExperts):
     """
 
     kind = "quantized"
+    grouped_subsets = True
 
     def __init__(self, replaced: Experts, spec: dict):
         super().__init__(replaced, len(spec["widths"]))
@@ -233,29 +285,29 @@ class QuantizedExperts(CameraExperts):
 
     def _matrix(self, m: str, e: int) -> torch.Tensor:
         """Float32 rows ``[R_e, C]`` of matrix ``m`` of expert ``e``."""
-        info = self._spec["matrices"][m]
         first = sum(self.rows_per_expert(m)[:e])
         bit_map = getattr(self, f"{m}_bits")[first:first + self.rows_per_expert(m)[e]]
-        out = torch.empty(bit_map.shape[0], info["length"], device=bit_map.device)
+        out = torch.empty(bit_map.shape[0], self._spec["matrices"][m]["length"], device=bit_map.device)
         for b, starts in self._row_starts()[m].items():
-            start, stop = starts[e], starts[e + 1]
-            if stop == start:
-                continue
-            out[bit_map == b] = self._dequantized(m, b, start, stop)
+            if starts[e + 1] > starts[e]:
+                self._dequantize_rows(m, b, slice(starts[e], starts[e + 1]), out, (bit_map == b).nonzero().squeeze(1))
         return out
 
-    def _dequantized(self, m: str, b: int, start: int, stop: int) -> torch.Tensor:
-        """Float32 rows ``start:stop`` of matrix ``m``'s ``b``-bit store."""
-        info = self._spec["matrices"][m]
-        codes = unpack_codes(getattr(self, f"{m}_q{b}")[start:stop], b, info["length"])
-        scale = getattr(self, f"{m}_s{b}")[start:stop].view(SCALE_DTYPE)
-        zero = getattr(self, f"{m}_z{b}")[start:stop] if b > 1 else None
-        return _dequantize_block(codes, scale, zero, info["group_size"])
+    def _dequantize_rows(self, m: str, b: int, rows: slice | torch.Tensor, out: torch.Tensor,
+                         dest: torch.Tensor) -> None:
+        """Rows ``rows`` (a slice or int64 indices) of matrix ``m``'s ``b``-bit store into rows ``dest`` of ``out``."""
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+        scale = take(getattr(self, f"{m}_s{b}")).view(SCALE_DTYPE)
+        zero = take(getattr(self, f"{m}_z{b}")) if b > 1 else None
+        _dequantize_into(out, dest, take(getattr(self, f"{m}_q{b}")), b, scale, zero,
+                         self._spec["matrices"][m]["group_size"])
 
     def _plan(self, device: torch.device) -> _GroupedPlan:
         """The cached :class:`_GroupedPlan` on ``device`` (one host sync, on first use)."""
         if device not in self._plans:
-            num, widths = self.num_experts, self._widths
+            num, widths, hidden = self.num_experts, self._widths, self.hidden_size
             width = max(8, -(-int(widths.max()) // 8) * 8)
             expert = torch.repeat_interleave(torch.arange(num), widths)
             slot = torch.arange(expert.numel()) - torch.tensor(self._offsets[:-1])[expert]
@@ -269,32 +321,54 @@ class QuantizedExperts(CameraExperts):
             order = self.layout.pack(ids[0], ids[1], 1).flatten()
             position = torch.empty_like(order).index_put_((order,), torch.arange(order.numel()))
             padded_rows = {"gate": position[slots], "up": position[num * width + slots], "down": slots}
-            dest = {}
+            by_output = self._spec["down_axis"] == "out"  # down rows [E·H, W]: no padding
+            per = {"gate": 2 * width, "up": 2 * width, "down": hidden if by_output else width}
+            host = {}
             for m in self._spec["matrices"]:
                 bit_map = getattr(self, f"{m}_bits").cpu()
-                by_output = m == "down" and self._spec["down_axis"] == "out"  # rows [E·H, W]: no padding
-                padded = torch.arange(bit_map.numel()) if by_output else padded_rows[m]
-                dest[m] = {int(b): padded[bit_map == int(b)].to(device) for b in self._spec["matrices"][m]["counts"]}
-            self._plans[device] = _GroupedPlan(width, None if channels is None else channels.to(device),
-                                               slots.to(device), dest)
+                padded = torch.arange(bit_map.numel()) if m == "down" and by_output else padded_rows[m]
+                host[m] = {int(b): padded[bit_map == int(b)] for b in self._spec["matrices"][m]["counts"]}
+            starts = {m: {b: torch.tensor(s) for b, s in by_bits.items()} for m, by_bits in self._row_starts().items()}
+            self._plans[device] = _GroupedPlan(
+                width, bool((widths < width).any()), None if channels is None else channels.to(device),
+                slots.to(device), {m: {b: d.to(device) for b, d in by_bits.items()} for m, by_bits in host.items()},
+                host, per, starts)
         return self._plans[device]
 
-    def _stacked_rows(self, m: str, plan: _GroupedPlan, out: torch.Tensor) -> torch.Tensor:
-        """All rows of matrix ``m`` dequantized into ``out [rows, C]`` at their padded positions: one unpack per
-        bit-width (in bounded chunks) serves every expert."""
-        length, dtype = out.shape[1], out.dtype
-        chunk = max(1, _CHUNK // length)
+    def _stack(self, m: str, plan: _GroupedPlan, hit: list[int] | None, out: torch.Tensor) -> torch.Tensor:
+        """Rows of matrix ``m`` of the experts ``hit`` (ascending; None: all) dequantized into their padded rows
+        of the stack ``out [n·per, C]`` of those experts: one unpack per bit-width (in bounded chunks) serves
+        every expert. The rows to read and where they go come from the host-side plan: no device sync; a
+        run of consecutive experts reads one slice of each store."""
+        chunk = max(1, _CHUNK // out.shape[1])
+        first, stop = (0, self.num_experts) if hit is None else (hit[0], hit[-1] + 1)
+        consecutive = stop - first == (self.num_experts if hit is None else len(hit))
         for b, dest in plan.dest[m].items():
+            if consecutive:
+                starts = self._row_starts()[m][b]
+                rows, dest = starts[first], dest[starts[first]:starts[stop]]
+                dest = dest - first * plan.per[m] if first else dest
+            else:  # stored rows of the hit experts, and their rows in the compact stack
+                chosen, starts = torch.tensor(hit), plan.starts[m][b]
+                begin, count = starts[chosen], starts[chosen + 1] - starts[chosen]
+                total = int(count.sum())
+                rows = torch.arange(total) + torch.repeat_interleave(begin - (count.cumsum(0) - count), count,
+                                                                     output_size=total)
+                moved = torch.repeat_interleave((chosen - torch.arange(len(hit))) * plan.per[m], count,
+                                                output_size=total)
+                rows, dest = torch.stack([rows, plan.host[m][b][rows] - moved]).to(out.device, non_blocking=True)
             for start in range(0, dest.numel(), chunk):
-                stop = min(start + chunk, dest.numel())
-                out.index_copy_(0, dest[start:stop], self._dequantized(m, b, start, stop).to(dtype))
+                end = min(start + chunk, dest.numel())
+                selected = slice(rows + start, rows + end) if consecutive else rows[start:end]
+                self._dequantize_rows(m, b, selected, out, dest[start:end])
         return out
 
-    def grouped_weights(self, x: torch.Tensor) -> GroupedWeights | None:
-        """All experts dequantized into zero-padded stacks for grouped GEMMs (CPU fp32/bf16, CUDA bf16).
+    def grouped_weights(self, x: torch.Tensor, hit: list[int] | None = None) -> GroupedWeights | None:
+        """The experts ``hit`` (None: all) dequantized into zero-padded stacks for grouped GEMMs (CPU fp32/bf16,
+        CUDA bf16).
 
-        Padded micro-experts have zero weights and biases, so they contribute nothing; codes
-        are dequantized to float32 and cast to ``x``'s dtype, as :meth:`weights` does.
+        Padded micro-experts have zero weights and biases, so they contribute nothing; codes are
+        dequantized straight into ``x``'s dtype, to the values :meth:`weights` gives cast to it.
         """
         layout = self.layout
         if layout.post_norm or not layout.has_gate or not grouped_mm_supported(x):
@@ -302,25 +376,29 @@ class QuantizedExperts(CameraExperts):
         if x.dtype not in (torch.float32, torch.bfloat16) or self.hidden_size * x.element_size() % 16:
             return None
         plan = self._plan(x.device)
-        num, width, hidden = self.num_experts, plan.width, self.hidden_size
-        gate_up = x.new_zeros(num * 2 * width, hidden)  # gate and up rows straight into the packed layout
-        self._stacked_rows("gate", plan, gate_up)
-        self._stacked_rows("up", plan, gate_up)
+        if hit is not None and len(hit) == self.num_experts:
+            hit = None
+        num, width, hidden = self.num_experts if hit is None else len(hit), plan.width, self.hidden_size
+        new = x.new_zeros if plan.padded else x.new_empty  # every row is written unless experts are padded
+        gate_up = new(num * 2 * width, hidden)  # gate and up rows straight into the packed layout
+        self._stack("gate", plan, hit, gate_up)
+        self._stack("up", plan, hit, gate_up)
         if self._spec["down_axis"] == "in":
-            down = self._stacked_rows("down", plan, x.new_zeros(num * width, hidden)).view(num, width, hidden)
+            down = self._stack("down", plan, hit, new(num * width, hidden)).view(num, width, hidden)
         else:
             kept = self._spec["matrices"]["down"]["length"]
-            down = self._stacked_rows("down", plan, x.new_zeros(num * hidden, kept)).view(num, hidden, kept)
-            down = nn.functional.pad(down, (0, width - kept)).transpose(1, 2)
+            down = self._stack("down", plan, hit, x.new_empty(num * hidden, kept)).view(num, hidden, kept)
+            down = (down if width == kept else nn.functional.pad(down, (0, width - kept))).transpose(1, 2)
         up_bias = down_bias = None
         if layout.has_bias:
             def pad(bias: torch.Tensor) -> torch.Tensor:  # [ΣW] -> [E, width]
-                return bias.new_zeros(num * width).index_put((plan.slots,), bias).view(num, width).to(x.dtype)
+                return bias.new_zeros(self.num_experts * width).index_put((plan.slots,), bias).view(
+                    self.num_experts, width).to(x.dtype)
 
             up_bias = layout.pack(None if self.gate_bias is None else pad(self.gate_bias), pad(self.up_bias), 1)
             down_bias = self.down_bias.to(x.dtype)
         return GroupedWeights(gate_up.view(num, 2 * width, hidden).transpose(1, 2), down, up_bias, down_bias,
-                              plan.channels)
+                              channels=plan.channels, experts=hit)
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         """Dequantized weights of expert ``e`` (float32 unless ``dtype``)."""

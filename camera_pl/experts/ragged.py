@@ -174,7 +174,7 @@ class RaggedExperts(CameraExperts):
     def dtype(self) -> torch.dtype:
         return self._stacks(0)[0].dtype if self.plan.members else self._dtype
 
-    def grouped_weights(self, x: torch.Tensor) -> WeightGroups | None:
+    def grouped_weights(self, x: torch.Tensor, hit: list[int] | None = None) -> WeightGroups | None:
         """The buckets' stored stacks, in the grouped-GEMM orientation (views; gated experts without a post-norm)."""
         if not self.layout.has_gate or self.layout.post_norm or not grouped_mm_supported(x) or self.dtype != x.dtype:
             return None
@@ -187,7 +187,7 @@ class RaggedExperts(CameraExperts):
             padded = bool((self._widths[list(members)] < self.plan.widths[b]).any())
             groups.append(GroupedWeights(up.transpose(1, 2), down.transpose(1, 2), bias,
                                          None if self.down_bias is None else self.down_bias[list(members)],
-                                         self.get_buffer(f"channels_{b}"), widths if padded else None))
+                                         channels=self.get_buffer(f"channels_{b}"), widths=widths if padded else None))
         return WeightGroups(groups, [list(m) for m in self.plan.members], self.group_of)
 
     # ---- description -------------------------------------------------------------------------
