@@ -73,6 +73,10 @@ def test_pack_round_trip(bits):
     packed = pack_codes(codes, bits)
     assert packed.shape == (5, -(-37 * bits // 8))
     assert torch.equal(unpack_codes(packed, bits, 37), codes)
+    from camera_pl.experts.quantized import _codes
+
+    for lookup in (True, False):  # table lookups (the CPU default) and shifts (the GPU default) agree
+        assert torch.equal(_codes(packed, bits, 37, lookup=lookup), codes.float())
 
 
 @pytest.mark.parametrize("arch,method", [("qwen2_moe", "camera"), ("gpt_oss", "camera"), ("deepseek_v3", "channel"),

@@ -80,19 +80,25 @@ def _pad_columns(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return t if t.shape[1] % multiple == 0 else nn.functional.pad(t, (0, -t.shape[1] % multiple))
 
 
-def _codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+def _codes(packed: torch.Tensor, bits: int, columns: int, lookup: bool | None = None) -> torch.Tensor:
     """Codes of bit-packed rows as float32 ``[N, columns]`` (exact integers); columns past the stored codes
     hold zeros or left-over bits, for callers that cut them off again (padding to whole quantization groups).
 
-    1–4 bits: one table lookup per 8-, 12- or 16-bit window of the packed bytes (byte
-    pairs read as little-endian int16) turns it into its 2–8 codes, already float; that is
-    several times faster than shifting every code out and converting it. 8 bits: the bytes
-    themselves. 5–7 bits: every ``bits`` bytes are read as one word of 8 codes and shifted.
+    8 bits: the bytes themselves. With ``lookup`` (default: on a CPU) 1–4 bits take one table
+    lookup per 8-, 12- or 16-bit window of the packed bytes (byte pairs read as little-endian
+    int16), already float: several times faster than shifting every code out on a CPU, but a
+    random-access gather that dominated the forward on an H100 (83% of its CUDA time). Without
+    it, widths dividing 8 shift codes out of whole bytes, and the others read every ``bits``
+    bytes as one word of 8 codes and shift.
     """
     n = packed.shape[0]
+    lookup = packed.device.type == "cpu" if lookup is None else lookup
     if bits == 8:
         codes = packed.to(torch.float32)
-    elif bits in _WINDOW_BITS:
+    elif not lookup and 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = ((packed[..., None] >> shifts) & ((1 << bits) - 1)).view(n, -1).to(torch.float32)
+    elif lookup and bits in _WINDOW_BITS:
         if bits == 3:  # 3 bytes = two 12-bit windows of 4 codes
             triples = _pad_columns(packed, 3).view(n, -1, 3).int()
             low = triples[..., 0] | ((triples[..., 1] & 15) << 8)
