@@ -1,9 +1,10 @@
 """Save and load compressed models as Hugging Face directories.
 
 ``camera_pl.save`` writes ``config.json`` + weights like ``save_pretrained`` and a
-``camera_pl.json`` describing each MoE layer's structure: expert count, expert width, or — for
-camera_pl expert modules (ragged after pruning, packed after quantization) — the module's kind
-and construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
+``camera_pl.json`` describing each MoE layer's structure: expert count, expert width (with, for
+experts kept as a list of MLPs and narrowed by pruning, each expert's kept micro-experts as a hex
+bit mask), or — for camera_pl expert modules (ragged after pruning, packed after quantization) —
+the module's kind and construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
 modules of the recorded kinds and loads the weights strictly, so any missing, extra or
 misshapen tensor is an error. A directory without ``camera_pl.json`` is a plain transformers
 checkpoint. The same structure description travels in Lightning checkpoints (see
@@ -32,6 +33,7 @@ from camera_pl.arch.adapters import moe_layers
 from camera_pl.checksum import tensors_digest
 from camera_pl.experts import kinds
 from camera_pl.experts.module import describe
+from camera_pl.experts.modulelist import ModuleListExperts
 from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_shared
 
 MANIFEST = "camera_pl.json"
@@ -80,6 +82,9 @@ def describe_structure(model: nn.Module) -> dict[str, dict]:
             entry["experts"] = description
         else:
             entry["intermediate_size"] = layer.intermediate_size
+            kept = layer.experts.kept_hex() if isinstance(layer.experts, ModuleListExperts) else None
+            if kept is not None:  # narrowed list experts: widths the config cannot describe
+                entry["kept"] = kept
         out[str(layer.index)] = entry
     return out
 
@@ -102,6 +107,11 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
             remove_experts(layer, keep)
         if description is not None:
             layer.replace_experts(kinds.build(description, layer.experts))
+        elif "kept" in entry:
+            if not isinstance(layer.experts, ModuleListExperts):
+                raise CheckpointError(f"The saved structure narrows MoE layer {index}'s experts as a list of MLPs, "
+                                      f"but this model holds {layer.experts.kind} experts there.")
+            layer.experts.keep_hex(entry["kept"])
         elif entry["intermediate_size"] != layer.intermediate_size:
             keep = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
             keep[:, : entry["intermediate_size"]] = True
@@ -118,7 +128,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
     structure = describe_structure(model)
-    custom = any("experts" in entry for entry in structure.values())  # kinds plain transformers cannot build
+    custom = any("experts" in entry or "kept" in entry for entry in structure.values())  # not for plain transformers
     for stale in (WEIGHTS, CAMERA_WEIGHTS, LOADER):  # from an earlier save into this directory
         (path / stale).unlink(missing_ok=True)
     if custom:
