@@ -32,8 +32,8 @@ from torch import nn
 from camera_pl.arch.adapters import moe_layers
 from camera_pl.checksum import tensors_digest
 from camera_pl.experts import kinds
-from camera_pl.experts.module import describe
-from camera_pl.experts.modulelist import ModuleListExperts
+from camera_pl.experts.module import WrappingExperts, describe
+from camera_pl.experts.modulelist import ModuleListExperts, is_expert_list
 from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_shared
 
 MANIFEST = "camera_pl.json"
@@ -82,11 +82,18 @@ def describe_structure(model: nn.Module) -> dict[str, dict]:
             entry["experts"] = description
         else:
             entry["intermediate_size"] = layer.intermediate_size
-            kept = layer.experts.kept_hex() if isinstance(layer.experts, ModuleListExperts) else None
-            if kept is not None:  # narrowed list experts: widths the config cannot describe
-                entry["kept"] = kept
+        kept = _narrowed_list(layer.module)
+        if kept is not None:  # list experts (maybe under a wrapping kind) narrowed to widths the config cannot describe
+            entry["kept"] = kept
         out[str(layer.index)] = entry
     return out
+
+
+def _narrowed_list(module: nn.Module) -> list[str] | None:
+    """Kept masks of the pruned list of MLPs at the bottom of ``module``'s wrapping kinds (None: no such list)."""
+    while isinstance(module, WrappingExperts):
+        module = module.base
+    return ModuleListExperts(module).kept_hex() if is_expert_list(module) else None
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
@@ -105,14 +112,14 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
             keep = torch.zeros(layer.num_experts, dtype=torch.bool)
             keep[: entry["num_experts"]] = True
             remove_experts(layer, keep)
-        if description is not None:
-            layer.replace_experts(kinds.build(description, layer.experts))
-        elif "kept" in entry:
+        if "kept" in entry:  # first: a wrapping kind is rebuilt around the narrowed list
             if not isinstance(layer.experts, ModuleListExperts):
                 raise CheckpointError(f"The saved structure narrows MoE layer {index}'s experts as a list of MLPs, "
                                       f"but this model holds {layer.experts.kind} experts there.")
             layer.experts.keep_hex(entry["kept"])
-        elif entry["intermediate_size"] != layer.intermediate_size:
+        if description is not None:
+            layer.replace_experts(kinds.build(description, layer.experts))
+        elif "kept" not in entry and entry["intermediate_size"] != layer.intermediate_size:
             keep = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
             keep[:, : entry["intermediate_size"]] = True
             shrink_fused(layer, keep)

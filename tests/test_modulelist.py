@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import camera_pl
-from camera_pl import apply_odp, collect_stats, moe_layers, prune, quantize
+from camera_pl import apply_odp, collect_stats, compress_experts, moe_layers, prune, quantize
 from camera_pl.experts.base import as_experts
 from camera_pl.stats.observation import observe
 
@@ -166,3 +166,23 @@ def test_bad_inputs_have_clear_errors():
     biased[0].up_proj = nn.Linear(32, 16)
     with pytest.raises(TypeError, match="biased"):
         as_experts(biased)
+
+
+def test_prune_quantize_recover_save_load(tmp_path):
+    model = tiny_deepseek_v1()
+    prune(model, collect_stats(model, BATCHES), 0.4, allocation="layer")
+    quantize(model, collect_stats(model, BATCHES), avg_bits=2.5, group_size=16)
+    before = logits(model)
+    model = camera_pl.recover(model, BATCHES, steps=2, lr=1e-3, rank=2, experts=False, accelerator="cpu")
+    after = logits(model)
+    assert not torch.equal(before, after)  # attention adapters were trained and merged
+    assert torch.equal(logits(camera_pl.load(camera_pl.save(model, tmp_path / "m"))), after)
+
+
+def test_prune_compress_experts_save_load(tmp_path):
+    model = tiny_deepseek_v1()
+    prune(model, collect_stats(model, BATCHES), 0.4, allocation="layer")
+    compress_experts(model)
+    stats = collect_stats(model, BATCHES)
+    assert all(float(entry["act_sq_sum"].sum()) > 0 for entry in stats.layers.values())
+    assert torch.equal(logits(camera_pl.load(camera_pl.save(model, tmp_path / "m"))), logits(model))

@@ -225,7 +225,7 @@ class MoELayer:
         return logits, weights, index
 
     def watch_experts_input(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> Callable[[], None]:
-        """Call ``fn(hidden [T, H], top_k_index, top_k_weights)`` with every input of the routed experts; returns an undo.
+        """Call ``fn(hidden [T, H], top_k_index, top_k_weights)`` with every routed-experts input; returns an undo.
 
         ``fn`` may raise to stop the forward there (calibration captures).
         """

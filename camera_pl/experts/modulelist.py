@@ -120,7 +120,8 @@ class ModuleListExperts(Experts):
         may keep none (its Linears become empty and it outputs zeros).
         """
         if tuple(keep.shape) != (self.num_experts, self.intermediate_size):
-            raise ValueError(f"keep has shape {tuple(keep.shape)}; expected {(self.num_experts, self.intermediate_size)}.")
+            expected = (self.num_experts, self.intermediate_size)
+            raise ValueError(f"keep has shape {tuple(keep.shape)}; expected {expected}.")
         for e, mlp in enumerate(self._module):
             present = self.channels(e)
             local = keep[e, present.cpu()].nonzero().squeeze(1).to(present.device)
