@@ -8,6 +8,7 @@ from camera_pl.arch.adapters import (
     register_adapter,
     supported_model_types,
 )
+from camera_pl.arch.blocks import topk_gate_route
 from camera_pl.expert_compression import CompressedExpertsConfig, compress_experts
 from camera_pl.experts.compressed import CompressedExperts
 from camera_pl.odp import OdpConfig, OdpHandle, apply_odp
@@ -56,6 +57,7 @@ __all__ = [
     "register_score",
     "score_methods",
     "supported_model_types",
+    "topk_gate_route",
 ]
 
 

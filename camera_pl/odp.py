@@ -360,7 +360,7 @@ def apply_odp(model: nn.Module, stats: MicroExpertStats | None = None, config: O
     if config.protect_ratio > 0:
         taps = tap_attention(model, {rule.layer.index: rule.on_attention for rule in rules})
     restore_experts = use_camera_experts(model)
-    hooks = [rule.layer.router.register_forward_hook(rule) for rule in rules]
+    hooks = [rule.layer.routing.register_forward_hook(rule) for rule in rules]
     handle = OdpHandle(model, config, rules, hooks, taps, restore_experts)
     model._camera_odp_handle = handle
     return handle

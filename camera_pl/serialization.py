@@ -1,9 +1,10 @@
 """Save and load compressed models as Hugging Face directories.
 
 ``camera_pl.save`` writes ``config.json`` + weights like ``save_pretrained`` and a
-``camera_pl.json`` describing each MoE layer's structure: expert count, expert width, or — for
-camera_pl expert modules (ragged after pruning, packed after quantization) — the module's kind
-and construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
+``camera_pl.json`` describing each MoE layer's structure: expert count, expert width (with, for
+experts kept as a list of MLPs and narrowed by pruning, each expert's kept micro-experts as a hex
+bit mask), or — for camera_pl expert modules (ragged after pruning, packed after quantization) —
+the module's kind and construction spec. ``camera_pl.load`` rebuilds the model from the config, swaps in empty
 modules of the recorded kinds and loads the weights strictly, so any missing, extra or
 misshapen tensor is an error. A directory without ``camera_pl.json`` is a plain transformers
 checkpoint. The same structure description travels in Lightning checkpoints (see
@@ -31,7 +32,8 @@ from torch import nn
 from camera_pl.arch.adapters import moe_layers
 from camera_pl.checksum import tensors_digest
 from camera_pl.experts import kinds
-from camera_pl.experts.module import describe
+from camera_pl.experts.module import WrappingExperts, describe
+from camera_pl.experts.modulelist import ModuleListExperts, is_expert_list
 from camera_pl.pruning.surgery import remove_experts, shrink_fused, shrink_shared
 
 MANIFEST = "camera_pl.json"
@@ -80,8 +82,18 @@ def describe_structure(model: nn.Module) -> dict[str, dict]:
             entry["experts"] = description
         else:
             entry["intermediate_size"] = layer.intermediate_size
+        kept = _narrowed_list(layer.module)
+        if kept is not None:  # list experts (maybe under a wrapping kind) narrowed to widths the config cannot describe
+            entry["kept"] = kept
         out[str(layer.index)] = entry
     return out
+
+
+def _narrowed_list(module: nn.Module) -> list[str] | None:
+    """Kept masks of the pruned list of MLPs at the bottom of ``module``'s wrapping kinds (None: no such list)."""
+    while isinstance(module, WrappingExperts):
+        module = module.base
+    return ModuleListExperts(module).kept_hex() if is_expert_list(module) else None
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
@@ -100,9 +112,14 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
             keep = torch.zeros(layer.num_experts, dtype=torch.bool)
             keep[: entry["num_experts"]] = True
             remove_experts(layer, keep)
+        if "kept" in entry:  # first: a wrapping kind is rebuilt around the narrowed list
+            if not isinstance(layer.experts, ModuleListExperts):
+                raise CheckpointError(f"The saved structure narrows MoE layer {index}'s experts as a list of MLPs, "
+                                      f"but this model holds {layer.experts.kind} experts there.")
+            layer.experts.keep_hex(entry["kept"])
         if description is not None:
             layer.replace_experts(kinds.build(description, layer.experts))
-        elif entry["intermediate_size"] != layer.intermediate_size:
+        elif "kept" not in entry and entry["intermediate_size"] != layer.intermediate_size:
             keep = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
             keep[:, : entry["intermediate_size"]] = True
             shrink_fused(layer, keep)
@@ -118,7 +135,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
     structure = describe_structure(model)
-    custom = any("experts" in entry for entry in structure.values())  # kinds plain transformers cannot build
+    custom = any("experts" in entry or "kept" in entry for entry in structure.values())  # not for plain transformers
     for stale in (WEIGHTS, CAMERA_WEIGHTS, LOADER):  # from an earlier save into this directory
         (path / stale).unlink(missing_ok=True)
     if custom:

@@ -22,7 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from camera_pl.arch.blocks import RouteFn, release, routing_of, run_by_camera, topk_gate_route
 from camera_pl.experts.base import Experts, as_experts, is_experts, unwrap
+from camera_pl.experts.modulelist import is_expert_list
 
 
 def softmax_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,11 @@ class ArchitectureSpec:
             from a given configuration (e.g. DeepSeek's ``q_proj`` when ``q_lora_rank`` is set) are skipped.
         router_tensors: router tensors with one row per expert, sliced when experts are removed.
         router_group_key: router attribute holding the number of expert groups of group-limited routing.
+        routing: None where the router returns ``(router_logits, top_k_weights, top_k_index)`` and the
+            block calls one experts module with them (transformers 5). For remote-code blocks that
+            loop over an ``nn.ModuleList`` of expert MLPs themselves, a function
+            ``(router, hidden [T, H]) -> (logits, weights, index)``; camera_pl then runs the block
+            itself where it must (see :mod:`camera_pl.arch.blocks`).
     """
 
     router: str = "gate"
@@ -73,6 +80,7 @@ class ArchitectureSpec:
     attention_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     router_tensors: tuple[str, ...] = ("weight", "bias")
     router_group_key: str | None = None
+    routing: RouteFn | None = None
 
 
 _MLA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -94,6 +102,8 @@ _REGISTRY: dict[str, ArchitectureSpec] = {
                                     attention_targets=_MLA_TARGETS, **_GROUP_LIMITED),
     "glm4_moe": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts",
                                  **_GROUP_LIMITED),
+    # DeepSeek-MoE (v1), remote code: a ModuleList of expert MLPs, a top-k gate, ungated shared experts
+    "deepseek": ArchitectureSpec(shared="shared_experts", num_experts_key="n_routed_experts", routing=topk_gate_route),
 }
 
 
@@ -141,6 +151,8 @@ class MoELayer:
         self.block = block
         self.spec = spec
         self.router: nn.Module = getattr(block, spec.router)
+        self.routing: nn.Module = self.router if spec.routing is None else routing_of(block, spec)
+        """Called with ``hidden [T, H]``, returns ``(logits, weights, index)``; router hooks attach here."""
         self.shared: nn.Module | None = getattr(block, spec.shared) if spec.shared else None
         self.shared_gate: nn.Module | None = getattr(block, spec.shared_gate) if spec.shared_gate else None
 
@@ -158,6 +170,8 @@ class MoELayer:
     def replace_experts(self, new: nn.Module) -> None:
         """Put ``new`` in the block in place of the current routed-experts module."""
         setattr(self.block, self.spec.experts, new)
+        if self.spec.routing is not None and not is_expert_list(unwrap(new)):
+            run_by_camera(self.block, self.spec)  # the block's own loop cannot index a camera_pl module
 
     @property
     def num_experts(self) -> int:
@@ -207,8 +221,29 @@ class MoELayer:
     # ---- computation ------------------------------------------------------------------
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])`` exactly as the model routes."""
-        logits, weights, index = self.router(hidden.reshape(-1, hidden.shape[-1]))[:3]
+        logits, weights, index = self.routing(hidden.reshape(-1, hidden.shape[-1]))[:3]
         return logits, weights, index
+
+    def watch_experts_input(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> Callable[[], None]:
+        """Call ``fn(hidden [T, H], top_k_index, top_k_weights)`` with every routed-experts input; returns an undo.
+
+        ``fn`` may raise to stop the forward there (calibration captures).
+        """
+        if self.spec.routing is not None:  # the block loops itself: run it by camera_pl and read the routing
+            run_by_camera(self.block, self.spec)
+            handle = self.routing.register_forward_hook(lambda m, args, out: fn(args[0], out[2], out[1]))
+
+            def undo() -> None:
+                handle.remove()
+                release(self.block, self.spec)
+
+            return undo
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+            fn(*values[:3])
+
+        return self.module.register_forward_pre_hook(hook, with_kwargs=True).remove
 
     def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-expert probabilities before top-k selection, float32 ``[T, E]``."""
@@ -283,7 +318,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
             found.append(MoELayer(i, block, spec))
     if not found:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no MoE layers with fused experts (is it a dense configuration, "
+            f"{type(model).__name__} has no MoE layers with routed experts (is it a dense configuration, "
             "e.g. num_experts=0 or mlp_only_layers covering every layer?)."
         )
     return found

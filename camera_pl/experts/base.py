@@ -15,7 +15,8 @@ combinations — and all of them answer the same questions:
   per call (e.g. by dequantizing) stack only the experts ``hit``.
 
 :func:`as_experts` returns the interface of any experts module: camera_pl's own modules
-implement it, transformers' fused modules get a :class:`FusedExperts` view. Nothing outside
+implement it, transformers' fused modules get a :class:`FusedExperts` view, an ``nn.ModuleList``
+of per-expert MLPs a :class:`~camera_pl.experts.modulelist.ModuleListExperts` view. Nothing outside
 :mod:`camera_pl.arch` and this package knows how a kind stores its weights.
 """
 
@@ -304,17 +305,24 @@ def unwrap(module: nn.Module | None) -> nn.Module | None:
 
 def is_experts(module: nn.Module | None) -> bool:
     """Whether ``module`` is a routed-experts module :func:`as_experts` can read."""
+    from camera_pl.experts.modulelist import is_expert_list  # the list view builds on this module
+
     module = unwrap(module)
-    if isinstance(module, Experts):
+    if isinstance(module, Experts) or is_expert_list(module):
         return True
     down = getattr(module, "down_proj", None)
     return isinstance(down, torch.Tensor) and down.dim() == 3
 
 
 def as_experts(module: nn.Module) -> Experts:
-    """The experts interface of any routed-experts module (camera_pl's own, or transformers' fused)."""
+    """The experts interface of any routed-experts module (camera_pl's own, transformers' fused, a list of MLPs)."""
+    from camera_pl.experts.modulelist import ModuleListExperts, is_expert_list
+
     if not is_experts(module):
         raise TypeError(f"{type(module).__name__} is not a routed-experts module camera_pl can read: expected "
-                        "transformers' fused experts (3D gate_up_proj/down_proj) or a camera_pl experts module.")
+                        "transformers' fused experts (3D gate_up_proj/down_proj), an nn.ModuleList of gated MLPs "
+                        "or a camera_pl experts module.")
     module = unwrap(module)
-    return module if isinstance(module, Experts) else FusedExperts(module)
+    if isinstance(module, Experts):
+        return module
+    return ModuleListExperts(module) if is_expert_list(module) else FusedExperts(module)

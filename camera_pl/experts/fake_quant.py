@@ -32,6 +32,9 @@ class FakeQuantExperts(WrappingExperts):
     def __init__(self, base: nn.Module, gate_bits: torch.Tensor | None, up_bits: torch.Tensor,
                  down_bits: torch.Tensor, down_axis: str, group_size: int):
         view = as_experts(base)
+        if view.kind == "list":
+            raise ValueError("Fake quantization does not wrap experts kept as a list of MLPs (remote-code layouts); "
+                             "quantize them with camera_pl.quantize.")
         if view.kind not in ("fused", "ragged"):
             raise ValueError(f"Fake quantization trains full-precision experts; these are {view.kind} experts.")
         if down_axis not in ("in", "out"):

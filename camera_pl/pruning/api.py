@@ -9,6 +9,8 @@
   drop the lowest ``ratio`` fraction — widths become unequal (:class:`RaggedExperts`);
 * ``expert``: drop the same fraction from every expert (each picks its own channels), so the
   fused layout and plain ``from_pretrained`` loading survive;
+* experts kept as a list of MLPs (remote-code layouts) have each expert's Linears narrowed under
+  every allocation (:meth:`~camera_pl.experts.modulelist.ModuleListExperts.keep`);
 * ``global``: one ranking across layers, no layer losing more than ``max_layer_ratio``.
 
 Expert-level methods (``frequency``, ``reap``, ``ean`` from statistics; ``naee`` from
@@ -30,6 +32,7 @@ from torch import nn
 
 from camera_pl.arch.adapters import MoELayer, architecture_spec, moe_layers
 from camera_pl.experts.base import FusedExperts
+from camera_pl.experts.modulelist import ModuleListExperts
 from camera_pl.pruning.allocation import ALLOCATIONS, expert_level_keep
 from camera_pl.pruning.config import CALIBRATED_METHODS, PruneConfig
 from camera_pl.pruning.naee import cache_layer_inputs, naee_keep
@@ -130,6 +133,10 @@ def _apply_micro(layer: MoELayer, keep: torch.Tensor, shared_keep: torch.Tensor 
     """Edit the layer; returns the experts removed entirely (allowed only with allow_expert_removal)."""
     if shared_keep is not None and not bool(shared_keep.all()):
         shrink_shared(layer, shared_keep)
+    experts = layer.experts
+    if isinstance(experts, ModuleListExperts):  # every expert's Linears narrow: any widths, the list stays
+        experts.keep(keep)
+        return []
     kept_experts = (keep.sum(1) > 0).nonzero().squeeze(1).tolist()
     removed = [e for e in range(layer.num_experts) if e not in kept_experts]
     if fused and not removed:
@@ -173,9 +180,13 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
     config = PruneConfig.build(config, **options)
     layers = moe_layers(model)
     for layer in layers:
-        if layer.experts.kind not in ("fused", "ragged"):
+        if layer.experts.kind not in ("fused", "ragged", "list"):
             raise TypeError(f"MoE layer {layer.index} holds {layer.experts.kind} experts; prune before quantizing or "
                             "compressing experts (pruning edits full-precision fused or already pruned experts).")
+        if layer.experts.kind == "list" and (config.level == "expert" or config.allow_expert_removal):
+            raise ValueError(f"MoE layer {layer.index} keeps its experts as a list of MLPs, from which camera_pl "
+                             "removes micro-experts but not whole experts; use a micro-expert method without "
+                             "allow_expert_removal.")
     needs_data = config.sequential or config.method in CALIBRATED_METHODS
     if needs_data and calib_dataloader is None:
         why = "sequential=True recollects statistics after each layer" if config.sequential else \
@@ -205,7 +216,7 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
             keeps = {l.index: _current_part(l, *keeps[l.index]) for l in group}
             for layer in group:  # every layer must stay routable (and fused widths aligned) before any is edited
                 check_expert_count(layer, int((keeps[layer.index][0].sum(1) > 0).sum()))
-                if allocation.fused:
+                if allocation.fused and layer.experts.kind != "list":  # a list's Linears take any width
                     _check_fused_width(layer, int(keeps[layer.index][0].sum(1).max()))
             for layer in group:
                 reports[layer.index].experts_removed = _apply_micro(layer, *keeps[layer.index], fused=allocation.fused)

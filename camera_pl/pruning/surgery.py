@@ -92,6 +92,9 @@ def remove_experts(layer: MoELayer, keep: torch.Tensor) -> None:
     """Remove whole experts (``keep [E]`` False) together with their router rows."""
     kept = keep.nonzero().squeeze(1).tolist()
     check_expert_count(layer, len(kept))
+    if layer.experts.kind == "list":
+        raise ValueError(f"Layer {layer.index} keeps its experts as a list of MLPs; camera_pl does not remove whole "
+                         "experts (and router rows) from such layers.")
     if not isinstance(layer.experts, FusedExperts):
         everything = torch.ones(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
         to_ragged(layer, everything, experts_kept=kept)

@@ -121,7 +121,7 @@ def _check_quantizable(layers: list, config: QuantizeConfig) -> None:
     """Quantization reads full-precision fused or pruned (ragged) experts; fail before any work otherwise."""
     for layer in layers:
         kind = layer.experts.kind
-        if kind not in ("fused", "ragged"):
+        if kind not in ("fused", "ragged", "list"):
             raise ValueError(f"MoE layer {layer.index} already holds {kind} experts; quantize full-precision experts "
                              "once, after pruning and before compressing experts.")
         if BIT_ALLOCATIONS[config.method].equal_widths and not layer.experts.full_width:

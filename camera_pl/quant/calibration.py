@@ -47,14 +47,12 @@ def capture_layer_inputs(model: nn.Module, layer: MoELayer, dataloader: Iterable
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     mask: torch.Tensor | None = None
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
-        hidden, index, weights = values[:3]
+    def capture(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
         keep = mask.reshape(-1).to(hidden.device)
         parts.append((hidden[keep].detach(), index[keep].detach(), weights[keep].detach()))
         raise _Captured
 
-    handle = layer.module.register_forward_pre_hook(hook, with_kwargs=True)
+    undo = layer.watch_experts_input(capture)
     tokens = 0
     try:
         with torch.no_grad():
@@ -73,7 +71,7 @@ def capture_layer_inputs(model: nn.Module, layer: MoELayer, dataloader: Iterable
                 if max_tokens is not None and tokens >= max_tokens:
                     break
     finally:
-        handle.remove()
+        undo()
     if not parts or tokens == 0:
         raise ValueError("The calibration dataloader gave no tokens; pass batches with unpadded input_ids.")
     hidden, index, weights = (torch.cat(p) for p in zip(*parts))

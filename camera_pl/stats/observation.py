@@ -183,7 +183,7 @@ def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> It
         for layer in layers:
             obs = LayerObserver(layer, acc, observation)
             layer.module._camera_observer = obs
-            handles.append(layer.router.register_forward_hook(obs.on_router_output))
+            handles.append(layer.routing.register_forward_hook(obs.on_router_output))
             if layer.shared is not None:
                 handles.append(layer.block.register_forward_pre_hook(obs.on_block_input))
                 handles.append(layer.shared.down_proj.register_forward_pre_hook(obs.on_shared_down_input))
