@@ -14,8 +14,8 @@ Plain transformers loads what it can represent (fused experts, fewer or narrower
 ``model.safetensors``. Experts it cannot represent (ragged, quantized, compressed) would load
 there as randomly initialised experts without an error, so such a model's weights go to
 ``camera_pl.safetensors``, a name transformers does not read: ``from_pretrained`` fails on the
-missing weights file. The directory also carries ``camera_pl_model.py`` and an ``auto_map``
-entry, so ``from_pretrained(path, trust_remote_code=True)`` (and tools built on it, such as
+missing weights file. For transformers' own model classes the directory also carries
+``camera_pl_model.py`` and an ``auto_map`` entry, so ``from_pretrained(path, trust_remote_code=True)`` (and tools built on it, such as
 lm-eval's ``hf`` model with ``trust_remote_code=True``) loads it through ``camera_pl.load``.
 """
 
@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -138,7 +139,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     custom = any("experts" in entry or "kept" in entry for entry in structure.values())  # not for plain transformers
     for stale in (WEIGHTS, CAMERA_WEIGHTS, LOADER):  # from an earlier save into this directory
         (path / stale).unlink(missing_ok=True)
-    if custom:
+    if custom and hasattr(transformers, type(model.config).__name__):  # remote-code configs keep their auto_map
         _add_loader(path, type(model.config).__name__)
     tensors = {}
     seen: dict[int, str] = {}
