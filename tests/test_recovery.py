@@ -106,3 +106,26 @@ def test_recovery_fit_is_quiet(recwarn, caplog):
             accelerator="cpu")
     assert not [str(w.message) for w in recwarn.list]
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_adapter_saves_with_peft_and_reloads_on_the_compressed_model(arch, tmp_path):
+    """peft's own save_pretrained / PeftModel.from_pretrained over a camera_pl-saved ragged model (bucket parameters)."""
+    from peft import PeftModel
+
+    import camera_pl
+
+    batch = make_batch()
+    model = tiny_moe(arch)
+    prune(model, collect_stats(model, [batch]), 0.4)
+    camera_pl.save(model, tmp_path / "base")
+    peft_model = add_lora(model, LoRAConfig(rank=4))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained adapter, not the zero init
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(camera_pl.load(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, expected)
