@@ -129,3 +129,22 @@ def test_adapter_saves_with_peft_and_reloads_on_the_compressed_model(arch, tmp_p
     reloaded = PeftModel.from_pretrained(camera_pl.load(tmp_path / "base"), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, expected)
+
+
+def test_validation_loss_is_token_weighted():
+    """Two validation batches of different token counts: ``val/loss`` is the mean over tokens, not over batches."""
+    model = tiny_moe("qwen3_moe")
+    short, full = make_batch(pad_from=3), make_batch(pad_from=None)
+    module = CausalLMModule(model)
+    losses, tokens = [], []
+    with torch.no_grad():
+        for batch in (short, full):
+            losses.append(module._loss(batch).item())
+            tokens.append(int((module._labels(batch)[:, 1:] != -100).sum()))
+    assert tokens[0] != tokens[1]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    [metrics] = trainer.validate(CausalLMModule(model), torch.utils.data.DataLoader([short, full], batch_size=None),
+                                 verbose=False)
+    expected = sum(l * n for l, n in zip(losses, tokens)) / sum(tokens)
+    assert metrics["val/loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(metrics["val/loss"] - sum(losses) / 2) > 1e-4  # the per-batch mean would differ

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from camera_pl.lightning.structure import restore_structure
 
@@ -25,15 +26,20 @@ class CausalLMModule(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.val_loss = MeanMetric()  # token-weighted over the epoch, reduced across ranks by torchmetrics
 
-    def _loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         labels = batch.get("labels")
         if labels is None:
             labels = batch["input_ids"].clone()
             if batch.get("attention_mask") is not None:
                 labels[batch["attention_mask"] == 0] = -100
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
-                         use_cache=False)
+        return labels
+
+    def _loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         labels=self._labels(batch), use_cache=False)
         return out.loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -42,8 +48,11 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Logs ``val/loss``: the epoch's mean over predicted tokens (a batch counts by its tokens, not as one)."""
         loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        tokens = (self._labels(batch)[:, 1:] != -100).sum()  # the model predicts token t+1 from t
+        self.val_loss.update(loss.detach(), weight=tokens)
+        self.log("val/loss", self.val_loss, prog_bar=True)
         return loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
