@@ -58,3 +58,17 @@ def test_missing_stats_is_a_clear_error():
     quant = CameraQuantization(quantize_epoch=0, method="camera")
     with pytest.raises(ValueError, match="MicroExpertStatsCallback"):
         fit(model, quant, epochs=1)
+
+
+def test_gptq_and_pmq_calibrate_on_the_fits_validation_data():
+    """No calib_dataloader: GPTQ/PMQ take the fit's validation loader, as a YAML-configured callback must."""
+    model = tiny_moe("qwen3_moe")
+    quant = CameraQuantization(quantize_epoch=1, method="pmq", avg_bits=2.5, quantizer="gptq", group_size=16)
+    fit(model, quant, epochs=2)
+    assert quant.phase == "packed" and quant.report is not None
+    assert all(isinstance(layer.module, QuantizedExperts) for layer in moe_layers(model))
+    lonely = CameraQuantization(quantize_epoch=0, method="uniform", avg_bits=4, quantizer="gptq")
+    trainer = pl.Trainer(accelerator="cpu", callbacks=[MicroExpertStatsCallback(), lonely], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_epochs=1, num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match="needs calibration data"):  # no validation data either
+        trainer.fit(CausalLMModule(tiny_moe("qwen3_moe")), torch.utils.data.DataLoader(BATCHES, batch_size=None))

@@ -9,8 +9,8 @@ import torch
 
 from camera_pl.callbacks.stats import latest_stats
 from camera_pl.config import ConfigError
-from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, find_moe_model, log_event,
-                                           structure_changed)
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, calibration_data, find_moe_model,
+                                           log_event, structure_changed)
 from camera_pl.pruning.api import PruneReport, prune
 from camera_pl.pruning.config import PruneConfig
 from camera_pl.stats.container import collect_stats
@@ -27,10 +27,10 @@ class CameraPruning(ChangesStructure):
         config: the :class:`PruneConfig` (its ``ratio`` is replaced by the schedule's); its
             fields may also be given as keywords (``CameraPruning({1: 0.4}, allocation="global")``).
         calib_dataloader: statistics source when no :class:`MicroExpertStatsCallback` has
-            validated yet, and the data of ``sequential`` / ``naee``.
+            validated yet, and the data of ``sequential`` / ``naee`` (default: the fit's validation data).
 
     Statistics come from a :class:`MicroExpertStatsCallback` on the same Trainer (its latest
-    validation), or from ``calib_dataloader``. The change of structure is handled by
+    validation), or from ``calib_dataloader`` (else the fit's validation data). The change of structure is handled by
     :func:`~camera_pl.lightning.structure.structure_changed` (DDP re-wrapped, optimizers rebuilt
     with scheduler progress kept, listeners such as ``LoRARecovery`` notified); checkpoints
     record the pruned shapes.
@@ -68,13 +68,15 @@ class CameraPruning(ChangesStructure):
         model = find_moe_model(pl_module)
         config = PruneConfig.build(self.config, ratio=float(ratio))
         stats = latest_stats(trainer)
-        if stats is None and not (config.sequential or config.method == "naee"):
-            if self.calib_dataloader is None:
-                raise ValueError("CameraPruning found no statistics: add MicroExpertStatsCallback to the Trainer (with "
-                                 "a validation before the pruning epoch) or pass calib_dataloader=...")
-            stats = collect_stats(model, self.calib_dataloader, max_tokens=config.max_tokens)
+        needs_data = config.sequential or config.method == "naee"
+        hint = "" if stats is not None else (" Or add a MicroExpertStatsCallback to the Trainer, with a validation "
+                                             "before the pruning epoch, for its statistics.")
+        calib = calibration_data(trainer, self.calib_dataloader, "CameraPruning", hint) if needs_data or stats is None \
+            else self.calib_dataloader
+        if stats is None and not needs_data:  # no MicroExpertStatsCallback statistics: collect them here
+            stats = collect_stats(model, calib, max_tokens=config.max_tokens)
         with torch.inference_mode(False):
-            report = prune(model, stats, config, calib_dataloader=self.calib_dataloader)
+            report = prune(model, stats, config, calib_dataloader=calib)
         self.reports.append(report)
         self.current_ratio = float(ratio)
         structure_changed(trainer, pl_module, CompressionEvent("prune", trainer.current_epoch, trainer.global_step,

@@ -27,8 +27,8 @@ import torch
 
 from camera_pl.callbacks.stats import latest_stats
 from camera_pl.config import ConfigError
-from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, find_moe_model, log_event,
-                                           structure_changed)
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, calibration_data, find_moe_model,
+                                           log_event, structure_changed)
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.api import QuantReport, allocate, quantize
 from camera_pl.quant.config import QuantizeConfig
@@ -45,7 +45,7 @@ class CameraQuantization(ChangesStructure):
         pack_epoch: with ``fake_quant``, epoch at whose start the model is packed (None: end of fit).
         config: the :class:`QuantizeConfig`; its fields may also be given as keywords
             (``CameraQuantization(1, method="camera", avg_bits=2.5)``).
-        calib_dataloader: calibration batches for GPTQ/PMQ.
+        calib_dataloader: calibration batches for GPTQ/PMQ (default: the fit's validation data).
     """
 
     def __init__(self, quantize_epoch: int | None = None, fake_quant: bool = False, pack_epoch: int | None = None,
@@ -58,8 +58,6 @@ class CameraQuantization(ChangesStructure):
         if fake_quant and quantize_epoch is None:
             raise ConfigError("fake_quant=True needs a quantize_epoch at which the fake-quantized phase starts.")
         self.config = QuantizeConfig.build(config, **options)
-        if self.config.needs_calibration and calib_dataloader is None:
-            raise ConfigError("GPTQ and PMQ need calibration data: pass calib_dataloader to CameraQuantization.")
         self.quantize_epoch = quantize_epoch
         self.fake_quant = fake_quant
         self.pack_epoch = pack_epoch
@@ -74,6 +72,12 @@ class CameraQuantization(ChangesStructure):
             raise ValueError("CameraQuantization found no statistics: add a MicroExpertStatsCallback to the Trainer "
                              "and make sure a validation run happened before quantizing (or quantize at a later epoch).")
         return stats
+
+    def _calibration(self, trainer: pl.Trainer) -> Iterable | None:
+        """GPTQ/PMQ batches: ``calib_dataloader``, else the fit's validation data; None where none is needed."""
+        if not self.config.needs_calibration or self.allocation is not None and self.config.quantizer != "gptq":
+            return self.calib_dataloader
+        return calibration_data(trainer, self.calib_dataloader, "CameraQuantization (GPTQ/PMQ)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epochs = [e for e in (self.quantize_epoch, self.pack_epoch) if e is not None]
@@ -98,7 +102,8 @@ class CameraQuantization(ChangesStructure):
     def _start_fake_quant(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = find_moe_model(pl_module)
         with torch.inference_mode(False):
-            self.allocation = allocate(model, self._stats(trainer), self.config, calib_dataloader=self.calib_dataloader)
+            self.allocation = allocate(model, self._stats(trainer), self.config,
+                                       calib_dataloader=self._calibration(trainer))
             fake_quantize(model, self.allocation, self.config.group_size)
         self.phase = "fake"
         structure_changed(trainer, pl_module, CompressionEvent("fake_quantize", trainer.current_epoch,
@@ -110,7 +115,7 @@ class CameraQuantization(ChangesStructure):
         end_fake_quantization(model)
         stats = None if self.allocation is not None else self._stats(trainer)
         with torch.inference_mode(False):
-            self.report = quantize(model, stats, self.config, calib_dataloader=self.calib_dataloader,
+            self.report = quantize(model, stats, self.config, calib_dataloader=self._calibration(trainer),
                                    allocation=self.allocation)
         self.phase = "packed"
         structure_changed(trainer, pl_module, CompressionEvent("quantize", trainer.current_epoch, trainer.global_step,

@@ -22,7 +22,7 @@ Checkpoints: compressing callbacks record the structure with :func:`record_struc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import lightning.pytorch as pl
 import torch
@@ -138,3 +138,20 @@ def restore_structure(model: nn.Module, checkpoint: dict) -> nn.Module:
 
         model = add_lora(model, LoRAConfig.from_dict(checkpoint[LORA_KEY]))
     return model
+
+
+def calibration_data(trainer: pl.Trainer, given: Iterable | None, who: str, hint: str = "") -> Iterable:
+    """Calibration batches for a callback: ``given``, else the fit's validation data (its loaders, or the datamodule's)."""
+    if given is not None:
+        return given
+    loaders = trainer.val_dataloaders
+    if loaders is None and trainer.datamodule is not None and type(trainer.datamodule).val_dataloader is not \
+            pl.LightningDataModule.val_dataloader:
+        loaders = trainer.datamodule.val_dataloader()
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise ValueError(f"{who} needs calibration data: pass calib_dataloader=..., or give the fit validation data "
+                         f"(val_dataloaders or a datamodule with val_dataloader), which it then uses.{hint}")
+    return loaders
+
