@@ -72,3 +72,29 @@ def test_gptq_and_pmq_calibrate_on_the_fits_validation_data():
                          enable_progress_bar=False, enable_model_summary=False, max_epochs=1, num_sanity_val_steps=0)
     with pytest.raises(ValueError, match="needs calibration data"):  # no validation data either
         trainer.fit(CausalLMModule(tiny_moe("qwen3_moe")), torch.utils.data.DataLoader(BATCHES, batch_size=None))
+
+
+def test_checkpoint_of_the_fake_quant_phase_loads_and_resumes(tmp_path):
+    """Validations with statistics before, during and after the fake-quantized phase; its checkpoint resumes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(epochs):
+        quant = CameraQuantization(quantize_epoch=1, fake_quant=True, pack_epoch=2, method="camera", avg_bits=3.0,
+                                   group_size=16)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+        return quant, pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                                 enable_model_summary=False, callbacks=[MicroExpertStatsCallback(), quant, ckpt])
+
+    loader = torch.utils.data.DataLoader(BATCHES, batch_size=None)
+    quant, first = trainer(3)
+    first.fit(CausalLMModule(tiny_moe("qwen3_moe")), loader, loader)
+    assert quant.phase == "packed"
+    fake_phase = tmp_path / "epoch=1-step=4.ckpt"  # saved at the end of the fake-quantized epoch
+    module = CausalLMModule(tiny_moe("qwen3_moe"))
+    checkpoint = torch.load(fake_phase, weights_only=False)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])  # strict: the fake-quant parametrizations are rebuilt
+    resumed_quant, resumed = trainer(3)
+    resumed.fit(CausalLMModule(tiny_moe("qwen3_moe")), loader, loader, ckpt_path=fake_phase)
+    assert resumed_quant.phase == "packed"
+    assert all(isinstance(layer.module, QuantizedExperts) for layer in moe_layers(resumed.lightning_module.model))

@@ -148,3 +148,22 @@ def test_validation_loss_is_token_weighted():
     expected = sum(l * n for l, n in zip(losses, tokens)) / sum(tokens)
     assert metrics["val/loss"] == pytest.approx(expected, rel=1e-5)
     assert abs(metrics["val/loss"] - sum(losses) / 2) > 1e-4  # the per-batch mean would differ
+
+
+def test_recovery_active_across_a_validation_and_a_checkpoint(tmp_path):
+    """LoRA still training when an epoch ends: validation (with statistics) and the checkpoint see the adapters."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    loader = torch.utils.data.DataLoader(samples()[:8], batch_size=2)  # 4 batches an epoch
+    recovery = LoRARecovery(rank=2, steps=6, lr=1e-2)  # starts at epoch 1, ends in epoch 2
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[MicroExpertStatsCallback(), CameraPruning({1: 0.3}), recovery, checkpoints])
+    trainer.fit(CausalLMModule(tiny_moe("qwen3_moe")), train_dataloaders=loader, val_dataloaders=loader)
+    assert recovery.recoveries == 1 and type(trainer.lightning_module.model).__name__ == "Qwen3MoeForCausalLM"
+    mid = torch.load(tmp_path / "epoch=1-step=8.ckpt", weights_only=False)  # adapters active when it was written
+    assert any("lora_" in name for name in mid["state_dict"])
+    module = CausalLMModule(tiny_moe("qwen3_moe"))
+    module.on_load_checkpoint(mid)
+    module.load_state_dict(mid["state_dict"])
