@@ -236,8 +236,9 @@ class TextDataModule(L.LightningDataModule):
     """Tokenized, packed causal-LM blocks with deterministic train/validation/test splits.
 
     Args:
-        tokenizer: any Hugging Face fast tokenizer; needs an EOS token (used as
-            document separator and, if there is no pad token, as padding).
+        tokenizer: any Hugging Face fast tokenizer, or the name of a model whose tokenizer
+            to load (``"reference"``, a model directory, a hub name); needs an EOS token (used
+            as document separator and, if there is no pad token, as padding).
         block_size: tokens per example.
         batch_size: examples per batch.
         data_files: file(s)/directory(ies) of text (``.txt``, ``.py``, ``.md``,
@@ -258,7 +259,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | str,
         block_size: int = 256,
         batch_size: int = 8,
         data_files: str | Path | Sequence[str | Path] | None = None,
@@ -274,6 +275,10 @@ class TextDataModule(L.LightningDataModule):
         max_documents: int | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(tokenizer, str):
+            from camera_pl.pretrained import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no eos_token; set tokenizer.eos_token (it separates documents)")
         if block_size < 2 or batch_size < 1:

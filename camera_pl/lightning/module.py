@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from camera_pl.lightning.structure import restore_structure
+from camera_pl.pretrained import load_pretrained
 
 
 class CausalLMModule(pl.LightningModule):
@@ -18,10 +19,17 @@ class CausalLMModule(pl.LightningModule):
     Batches are dicts with ``input_ids``, optional ``attention_mask`` and optional ``labels``
     (default: ``input_ids`` with padding set to -100). The MoE router auxiliary loss is
     added when the model returns one (``output_router_logits=True`` in its config).
+
+    ``model`` is a module, or a name :func:`~camera_pl.pretrained.load_pretrained` resolves
+    (``"reference"``, a saved directory, a hub name) loaded in ``dtype``, so that a LightningCLI
+    config can name it.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0):
+    def __init__(self, model: nn.Module | str, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 dtype: str = "float32"):
         super().__init__()
+        if isinstance(model, str):
+            model = load_pretrained(model, dtype)[0].train()
         self.model = model
         self.lr = lr
         self.weight_decay = weight_decay

@@ -1,4 +1,5 @@
-"""``camera-pl``: run recipes, the demo, analysis and evaluation from the command line."""
+"""``camera-pl``: run recipes, the demo, analysis and evaluation from the command line; ``fit``,
+``validate`` and ``test`` hand over to Lightning's CLI (:mod:`camera_pl.lightning.cli`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 
 def _recipe_path(name: str) -> Path:
@@ -26,7 +28,8 @@ def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
     from camera_pl.config import ConfigError
     from camera_pl.serialization import CheckpointError
     from camera_pl.stats.container import StatsMismatchError
-    from camera_pl.workflows.runner import ModelNotFoundError, RunDirectoryError, run_recipe
+    from camera_pl.pretrained import ModelNotFoundError
+    from camera_pl.workflows.runner import RunDirectoryError, run_recipe
 
     try:
         recipe = load_recipe(_recipe_path(recipe_name), overrides)
@@ -64,6 +67,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:  # Lightning's own CLI (LightningCLI YAML configs)
+        from camera_pl.lightning.cli import main as lightning_main
+
+        lightning_main(argv)
+        return
     parser = argparse.ArgumentParser(prog="camera-pl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe (a YAML file, or a bundled recipe name)")
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     analyze = sub.add_parser("analyze", help="statistics + the micro-expert analysis report")
     analyze.add_argument("--model", default="reference")
     analyze.add_argument("--out")
+    for name in LIGHTNING_SUBCOMMANDS:  # listed for --help; main() hands them to LightningCLI before parsing
+        sub.add_parser(name, help=f"LightningCLI {name}: camera-pl {name} --config CONFIG.yaml (see --help there)")
     evaluate = sub.add_parser("eval", help="perplexity and multiple-choice accuracy of a model")
     evaluate.add_argument("--model", default="reference")
     evaluate.add_argument("--out")

@@ -37,15 +37,12 @@ import torch
 import yaml
 from torch import nn
 
+from camera_pl.pretrained import ModelNotFoundError, load_pretrained
 from camera_pl.workflows.recipe import Recipe, StatsStep, StepSpec
 
 STATE = "state.json"
 STATS = "stats.safetensors"
 RNG = "rng_state.pt"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A recipe's ``model.name`` is neither a model directory nor a loadable hub name."""
 
 
 class RunDirectoryError(FileExistsError):
@@ -72,40 +69,8 @@ class RunContext:
 
 
 def load_model(spec, log: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
-    """Model and tokenizer named by a recipe's ``model`` section."""
-    dtype = getattr(torch, spec.dtype)
-    if spec.name == "reference":
-        from camera_pl.reference import reference_model
-
-        return reference_model(dtype=dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(spec.name).expanduser()
-    looks_local = spec.name.startswith(("/", ".", "~")) or spec.name.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise ModelNotFoundError(f"No model directory at {spec.name}: give a directory written by camera_pl.save or "
-                                 "save_pretrained, 'reference', or a hub name such as 'org/model'.")
-    if (path / "camera_pl.json").exists():
-        from camera_pl.serialization import load
-
-        return _checked(load(path, dtype=dtype), AutoTokenizer.from_pretrained(path), spec.name)
-    log(f"loading {spec.name} with transformers")
-    try:
-        return _checked(AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype),
-                        AutoTokenizer.from_pretrained(spec.name), spec.name)
-    except OSError as err:  # transformers' answer for a name that is neither a directory nor a reachable hub repo
-        raise ModelNotFoundError(f"Cannot load model {spec.name!r}: it is not a local directory, and loading it as a "
-                                 f"hub name failed ({str(err).splitlines()[0]}). Give a model directory, "
-                                 "'reference', or a hub name reachable from this machine.") from None
-
-
-def _checked(model: nn.Module, tokenizer: Any, name: str) -> tuple[nn.Module, Any]:
-    """Refuse a tokenizer whose vocabulary does not fit the model (e.g. a directory without tokenizer files)."""
-    vocab, size = len(tokenizer), model.config.vocab_size
-    if vocab > size or vocab < size // 2:
-        raise ValueError(f"{name}: the tokenizer has {vocab} tokens but the model's vocabulary is {size}; the "
-                         "directory lacks the model's tokenizer files (save them with tokenizer.save_pretrained).")
-    return model, tokenizer
+    """Model and tokenizer named by a recipe's ``model`` section (see :func:`camera_pl.pretrained.load_pretrained`)."""
+    return load_pretrained(spec.name, spec.dtype, log)
 
 
 def build_datamodule(spec, tokenizer):
