@@ -82,7 +82,9 @@ class CameraPruning(ChangesStructure):
         structure_changed(trainer, pl_module, CompressionEvent("prune", trainer.current_epoch, trainer.global_step,
                                                                report))
         log_event(trainer, {"camera/pruned_ratio": ratio, "camera/expert_params": report.params_after,
-                            "camera/params": sum(p.numel() for p in pl_module.parameters())})
+                            "camera/params": sum(p.numel() for p in pl_module.parameters()),
+                            **{f"camera/layer{layer.index}_expert_params": layer.params_after
+                               for layer in report.layers}})
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -120,8 +120,14 @@ class CameraQuantization(ChangesStructure):
         self.phase = "packed"
         structure_changed(trainer, pl_module, CompressionEvent("quantize", trainer.current_epoch, trainer.global_step,
                                                                self.report))
+        weights = sum(layer.params for layer in self.report.layers)
+        histogram: dict[str, float] = {}  # fraction of routed weights stored at each bit-width, over all layers
+        for layer in self.report.layers:
+            for bits, fraction in layer.histogram.items():
+                key = f"camera/quant_fraction_{bits}bit"
+                histogram[key] = histogram.get(key, 0.0) + fraction * layer.params / max(weights, 1)
         log_event(trainer, {"camera/quant_avg_bits": self.report.avg_bits,
-                            "camera/quant_bits_per_param": self.report.bits_per_param})
+                            "camera/quant_bits_per_param": self.report.bits_per_param, **histogram})
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
