@@ -7,7 +7,6 @@ from typing import Any, Mapping
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 
 from camera_pl.lightning.structure import restore_structure
 from camera_pl.pretrained import load_pretrained
@@ -34,7 +33,6 @@ class CausalLMModule(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
-        self.val_loss = MeanMetric()  # token-weighted over the epoch, reduced across ranks by torchmetrics
 
     @staticmethod
     def _labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -58,9 +56,9 @@ class CausalLMModule(pl.LightningModule):
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logs ``val/loss``: the epoch's mean over predicted tokens (a batch counts by its tokens, not as one)."""
         loss = self._loss(batch)
-        tokens = (self._labels(batch)[:, 1:] != -100).sum()  # the model predicts token t+1 from t
-        self.val_loss.update(loss.detach(), weight=tokens)
-        self.log("val/loss", self.val_loss, prog_bar=True)
+        tokens = int((self._labels(batch)[:, 1:] != -100).sum())  # the model predicts token t+1 from t
+        # Lightning weights the epoch mean by batch_size and, with sync_dist, sums values and weights over ranks
+        self.log("val/loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)
         return loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -44,14 +44,17 @@ def _run(recipe_name: str, overrides: list[str], out: str | None, resume: bool):
 
 
 def _table(metrics: list[dict]) -> str:
-    cols = [c for c in ("params", "expert_params", "bytes", "perplexity", "next_line_acc", "docstring_match_acc")
-            if any(c in row for row in metrics)]
+    """The run's evaluations side by side; sizes in MiB and forward time relative to the first evaluation."""
+    base = next((row["eval_seconds"] for row in metrics if row.get("eval_seconds")), None)
+    rows = [{**row, "MiB": row["bytes"] / 2**20 if "bytes" in row else None,
+             "time x first": row["eval_seconds"] / base if base and row.get("eval_seconds") else None}
+            for row in metrics]
+    formats = {"params": "{:,.0f}", "expert_params": "{:,.0f}", "MiB": "{:.1f}", "perplexity": "{:.3f}",
+               "next_line_acc": "{:.3f}", "docstring_match_acc": "{:.3f}", "time x first": "{:.2f}"}
+    cols = [c for c in formats if any(row.get(c) is not None for row in rows)]
     lines = ["| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for row in metrics:
-        cells = []
-        for c in cols:
-            v = row.get(c)
-            cells.append("" if v is None else f"{v:,.0f}" if c in ("params", "expert_params", "bytes") else f"{v:.3f}")
+    for row in rows:
+        cells = ["" if row.get(c) is None else formats[c].format(row[c]) for c in cols]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -168,7 +168,9 @@ def step_evaluate(ctx: RunContext, step) -> None:
 
     row: dict[str, Any] = {"label": step.label or f"step{len(ctx.metrics)}", **model_size(ctx.model)}
     if step.perplexity:
+        start = time.perf_counter()
         row["perplexity"] = perplexity(ctx.model, ctx.loader("test", ctx.recipe.data.eval_batches))
+        row["eval_seconds"] = time.perf_counter() - start  # the forward passes over the test batches
     if step.tasks:
         from camera_pl.data import stdlib_corpus
         from camera_pl.eval.tasks import build_examples
