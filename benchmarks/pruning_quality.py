@@ -1,6 +1,7 @@
 """CAMERA-P against every pruning baseline on the reference model.
 
-Statistics are collected once on the dense reference model (validation split); each
+Statistics are collected once on the dense reference model (validation split), with the
+gradient pass HEAPr needs (``heapr_mode="auto"``: the full curvature at this size); each
 method prunes a fresh copy at 20/40/60% and is scored on the held-out test split:
 perplexity, the two multiple-choice tasks (next_line, docstring_match; accuracy) and the
 median CPU forward latency of one evaluation batch, all measured in this one run. Micro-
@@ -31,6 +32,8 @@ METHODS = [  # (label, method, allocation)
     ("CAMERA-P layer", "camera", "layer"),
     ("CAMERA-P expert", "camera", "expert"),
     ("CAMERA-P global", "camera", "global"),
+    ("HEAPr layer", "heapr", "layer"),
+    ("HEAPr global", "heapr", "global"),
     ("magnitude", "magnitude", "layer"),
     ("activation", "activation", "layer"),
     ("random", "random", "layer"),
@@ -80,7 +83,7 @@ def main() -> None:
     files = stdlib_corpus("test")
     tasks = {t: build_examples(t, files, n=args.examples) for t in ("next_line", "docstring_match")}
     timing_batch = {k: v for k, v in test[0].items() if k != "labels"}
-    stats = collect_stats(dense, calib)
+    stats = collect_stats(dense, calib, heapr_mode="auto")
     base = evaluate(dense, tokenizer, test, tasks, timing_batch)
     header = [
         f"# Pruning quality on the reference model ({type(dense).__name__}, "

@@ -68,11 +68,14 @@ class CameraPruning(ChangesStructure):
         model = find_moe_model(pl_module)
         config = PruneConfig.build(self.config, ratio=float(ratio))
         stats = latest_stats(trainer)
+        if stats is not None and config.collect_kwargs() and not stats.has_gradients:
+            stats = None  # the callback's statistics come from forwards only; heapr collects its own below
         if stats is None and not (config.sequential or config.method == "naee"):
             if self.calib_dataloader is None:
                 raise ValueError("CameraPruning found no statistics: add MicroExpertStatsCallback to the Trainer (with "
                                  "a validation before the pruning epoch) or pass calib_dataloader=...")
-            stats = collect_stats(model, self.calib_dataloader, max_tokens=config.max_tokens)
+            stats = collect_stats(model, self.calib_dataloader, max_tokens=config.max_tokens,
+                                  **config.collect_kwargs())
         with torch.inference_mode(False):
             report = prune(model, stats, config, calib_dataloader=self.calib_dataloader)
         self.reports.append(report)
