@@ -233,3 +233,12 @@ def test_camera_q_ranks_by_heapr():
         assert bool((routed_bits.flatten()[top] == 8).all())
     report = quantize(model, stats, method="camera", score="heapr", avg_bits=3.0)
     assert report.avg_bits <= 3.0 + 1e-6
+
+
+def test_recipe_stats_step_takes_heapr_mode():
+    from camera_pl.workflows.recipe import RecipeError, StatsStep, parse_recipe
+
+    recipe = parse_recipe({"name": "x", "steps": [{"stats": {"heapr_mode": "auto"}}, {"prune": {"method": "heapr"}}]})
+    assert isinstance(recipe.steps[0][1], StatsStep) and recipe.steps[0][1].heapr_mode == "auto"
+    with pytest.raises((ConfigError, RecipeError), match="heapr_mode"):
+        parse_recipe({"name": "x", "steps": [{"stats": {"heapr_mode": "exact"}}]})
