@@ -79,7 +79,16 @@ def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("arch", HEAPR_ARCHS)
 def test_heapr_stats_equal_brute_force(arch):
-    model = tiny_moe(arch)
+    check_against_brute_force(tiny_moe(arch), arch)
+
+
+def test_heapr_stats_of_experts_kept_as_a_list_equal_brute_force():
+    from deepseek_moe_v1 import tiny_deepseek_v1
+
+    check_against_brute_force(tiny_deepseek_v1(), "deepseek v1 (list of MLPs)")
+
+
+def check_against_brute_force(model, arch: str) -> None:
     batch = make_batch()
     stats = collect_stats(model, [batch], heapr_mode="full")
     expected = brute_force_heapr(model, batch)
