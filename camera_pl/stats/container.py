@@ -292,7 +292,9 @@ def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None
     ``"diag"`` or ``"auto"``, see :data:`~camera_pl.stats.observation.HEAPR_MODES`) every batch
     also runs a backward pass of the summed next-token loss, and the statistics gain HEAPr's
     curvature of each expert's output (``heapr_m`` or ``heapr_diag``), from which the ``heapr``
-    score is computed. The same pass collects all other statistics.
+    score is computed. The same pass collects all other statistics. A sequence's last token has no
+    target and no later token attending to it, so its gradient is zero; it still counts in the
+    token averages (as every routed token does in ``count``).
     """
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0):
         raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
