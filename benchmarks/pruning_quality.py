@@ -1,6 +1,7 @@
 """CAMERA-P against every pruning baseline on the reference model.
 
-Statistics are collected once on the dense reference model (validation split); each
+Statistics are collected once on the dense reference model (validation split), with the
+gradient pass HEAPr needs (``--heapr-mode``, default ``auto``: the full curvature at this size); each
 method prunes a fresh copy at 20/40/60% and is scored on the held-out test split:
 perplexity, the two multiple-choice tasks (next_line, docstring_match; accuracy) and the
 median CPU forward latency of one evaluation batch, all measured in this one run. Micro-
@@ -8,7 +9,7 @@ level methods remove floor(ratio x micro-experts) per layer; expert-level method
 round(ratio x E) experts per layer — the table lists the expert parameters each removed,
 so unequal counts are visible. Writes benchmarks/results/pruning_quality.md (or --out).
 
-    python benchmarks/pruning_quality.py [--ratios 0.2 0.4 0.6] [--eval-batches 24] [--examples 200]
+    python benchmarks/pruning_quality.py [--ratios 0.2 0.4 0.6] [--eval-batches 24] [--examples 200] [--heapr-mode auto]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ METHODS = [  # (label, method, allocation)
     ("CAMERA-P layer", "camera", "layer"),
     ("CAMERA-P expert", "camera", "expert"),
     ("CAMERA-P global", "camera", "global"),
+    ("HEAPr layer", "heapr", "layer"),
+    ("HEAPr global", "heapr", "global"),
     ("magnitude", "magnitude", "layer"),
     ("activation", "activation", "layer"),
     ("random", "random", "layer"),
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=24)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS])
+    parser.add_argument("--heapr-mode", default="auto", choices=["full", "diag", "auto"])
     parser.add_argument("--out", default="pruning_quality.md", help="file name under benchmarks/results/")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -80,12 +84,12 @@ def main() -> None:
     files = stdlib_corpus("test")
     tasks = {t: build_examples(t, files, n=args.examples) for t in ("next_line", "docstring_match")}
     timing_batch = {k: v for k, v in test[0].items() if k != "labels"}
-    stats = collect_stats(dense, calib)
+    stats = collect_stats(dense, calib, heapr_mode=args.heapr_mode)
     base = evaluate(dense, tokenizer, test, tasks, timing_batch)
     header = [
         f"# Pruning quality on the reference model ({type(dense).__name__}, "
         f"{len(test)}x{test[0]['input_ids'].numel()} test tokens, {args.examples} examples per task, "
-        f"stats from {stats.tokens} validation tokens, CPU latency = median of 3 forwards of one 8x128 batch)",
+        f"stats from {stats.tokens} validation tokens, HEAPr curvature {args.heapr_mode}, CPU latency = median of 3 forwards of one 8x128 batch)",
         "",
         "| method | pruned | perplexity | next_line acc | docstring_match acc | expert params | CPU ms | speed-up |",
         "|---|---|---|---|---|---|---|---|",

@@ -68,13 +68,15 @@ class CameraPruning(ChangesStructure):
         model = find_moe_model(pl_module)
         config = PruneConfig.build(self.config, ratio=float(ratio))
         stats = latest_stats(trainer)
+        if stats is not None and config.collect_kwargs() and not stats.has_gradients:
+            stats = None  # the callback's statistics come from forwards only; heapr collects its own below
         needs_data = config.sequential or config.method == "naee"
-        hint = "" if stats is not None else (" Or add a MicroExpertStatsCallback to the Trainer, with a validation "
-                                             "before the pruning epoch, for its statistics.")
+        hint = "" if stats is not None or config.collect_kwargs() else (
+            " Or add a MicroExpertStatsCallback to the Trainer, with a validation before the pruning epoch.")
         calib = calibration_data(trainer, self.calib_dataloader, "CameraPruning", hint) if needs_data or stats is None \
             else self.calib_dataloader
-        if stats is None and not needs_data:  # no MicroExpertStatsCallback statistics: collect them here
-            stats = collect_stats(model, calib, max_tokens=config.max_tokens)
+        if stats is None and not needs_data:  # no usable statistics from a MicroExpertStatsCallback: collect them
+            stats = collect_stats(model, calib, max_tokens=config.max_tokens, **config.collect_kwargs())
         with torch.inference_mode(False):
             report = prune(model, stats, config, calib_dataloader=calib)
         self.reports.append(report)

@@ -30,6 +30,10 @@ class ExpertsObserver(Protocol):
     def observe(self, expert_ids: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor, acts: torch.Tensor,
                 out_norms: torch.Tensor, top_k_weights: torch.Tensor) -> None: ...
 
+    def watch_output(self, routing: "SortedRouting", out: torch.Tensor, num_tokens: int) -> None:
+        """Called when the per-slot outputs ``out [S, H]`` (sorted rows, before the routing weight) require
+        gradients: the observer may hook them to read the loss gradient at each expert's output."""
+
 
 def segment_ends(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Cumulative row counts ``[E]`` of sorted ``expert_ids`` (ids ``>= num_experts`` not counted), without a host sync."""
@@ -222,10 +226,14 @@ def sorted_activations(experts: Experts, x: torch.Tensor, routing: SortedRouting
 
 def report(observer: ExpertsObserver | None, routing: SortedRouting, acts: torch.Tensor | None, out: torch.Tensor,
            top_k_weights: torch.Tensor) -> None:
-    """Hand what a forward computed to ``observer`` (if any): activations, routing and output norms."""
+    """Hand what a forward computed to ``observer`` (if any): activations, routing and output norms (detached:
+    statistics never enter the autograd graph), and the outputs themselves when they require gradients."""
     if observer is not None:
-        norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
-        observer.observe(routing.expert_ids, routing.token_ids, routing.weights, acts, norms, top_k_weights)
+        norms = torch.linalg.vector_norm(out.detach(), dim=-1, dtype=torch.float32)
+        observer.observe(routing.expert_ids, routing.token_ids, routing.weights.detach(),
+                         None if acts is None else acts.detach(), norms, top_k_weights.detach())
+        if out.requires_grad:
+            observer.watch_output(routing, out, top_k_weights.shape[0])
 
 
 def experts_forward(experts: Experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

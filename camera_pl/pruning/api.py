@@ -209,7 +209,7 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
         groups = [[layer] for layer in layers] if config.sequential else [layers]
         for group in groups:
             if config.sequential:
-                stats = collect_stats(model, calib_dataloader, max_tokens=config.max_tokens)
+                stats = collect_stats(model, calib_dataloader, max_tokens=config.max_tokens, **config.collect_kwargs())
             scores = stats.scores(config.method, model=model, **config.score_kwargs())
             padded = {l.index: _in_original_sizes(l, scores[l.index], originals[l.index]) for l in group}
             keeps = allocation.fn({i: v[0] for i, v in padded.items()}, {i: v[1] for i, v in padded.items()}, config)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from camera_pl.config import Config
 from camera_pl.pruning.allocation import ALLOCATIONS
+from camera_pl.stats.observation import HEAPR_MODES
 from camera_pl.stats.scores import score_level, score_methods, score_options
 
 CALIBRATED_METHODS = ("naee",)
@@ -20,6 +21,7 @@ class PruneConfig(Config):
         ratio: fraction of the *original* micro-experts (or experts, for expert-level methods)
             to remove, in ``[0, 1)``; calling ``prune`` again with a higher ratio prunes further.
         method: a registered score (``camera_pl.score_methods()``: micro level ``camera``,
+            ``heapr`` (needs gradient statistics: ``collect_stats(..., heapr_mode=...)``),
             ``magnitude``, ``activation``, ``random``; expert level ``frequency``, ``reap``,
             ``ean``) or ``naee`` (expert level, measured on calibration data).
         allocation: a registered allocation: ``layer`` (CAMERA-P: per layer, unequal widths),
@@ -34,6 +36,8 @@ class PruneConfig(Config):
         max_tokens: calibration tokens for ``sequential`` and ``naee``.
         reduce_ratio: the ``camera`` score's peak/total energy mix.
         seed: the ``random`` score's seed.
+        heapr_mode: the ``heapr`` curvature (``full``, ``diag`` or ``auto``) when statistics are
+            collected here (``sequential``, or by :class:`~camera_pl.callbacks.pruning.CameraPruning`).
     """
 
     ratio: float = 0.4
@@ -46,6 +50,7 @@ class PruneConfig(Config):
     max_tokens: int | None = None
     reduce_ratio: float = 0.9
     seed: int = 0
+    heapr_mode: str = "auto"
 
     def check(self) -> None:
         self._number("ratio", 0.0, 1.0, high_open=True)
@@ -56,6 +61,7 @@ class PruneConfig(Config):
         self._number("max_tokens", 1, integer=True, optional=True)
         self._number("reduce_ratio", 0.0, 1.0)
         self._number("seed", integer=True)
+        self._choice("heapr_mode", HEAPR_MODES)
         for flag in ("allow_expert_removal", "sequential"):
             self._flag(flag)
         if self.sequential and (self.level == "expert" or ALLOCATIONS[self.allocation].cross_layer):
@@ -79,3 +85,7 @@ class PruneConfig(Config):
         if self.method in CALIBRATED_METHODS:
             return {}
         return {name: getattr(self, name) for name in score_options(self.method) if hasattr(self, name)}
+
+    def collect_kwargs(self) -> dict:
+        """The options of :func:`~camera_pl.stats.container.collect_stats` the method needs (gradients for ``heapr``)."""
+        return {"heapr_mode": self.heapr_mode} if self.method == "heapr" else {}

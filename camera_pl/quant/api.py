@@ -31,6 +31,7 @@ from camera_pl.quant.config import QuantizeConfig
 from camera_pl.quant.layer import quantize_linear, quantize_routed, quantize_shared, write_back
 from camera_pl.quant.methods import BIT_ALLOCATIONS, PMQ_CHOICES, AllocationContext
 from camera_pl.quant.quantizers import check_bits
+from camera_pl.stats.scores import score_options
 
 
 @dataclass
@@ -213,13 +214,15 @@ def allocate(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
 
 
 def _scores(model: nn.Module, stats, config: QuantizeConfig) -> tuple[dict | None, dict | None]:
-    """CAMERA scores ``{layer: LayerScores}`` and energies ``{layer: [E, I]}`` (None without statistics)."""
+    """Scores ``{layer: LayerScores}`` by ``config.score`` and CAMERA energies ``{layer: [E, I]}`` (None without
+    statistics)."""
     if stats is None or not config.needs_stats:
         return None, None
     stats.check_compatible(model)
     r = config.reduce_ratio
     energy = {i: (1 - r) * s["sq_sum"] + r * s["sq_max"] for i, s in stats.layers.items()}
-    return stats.scores("camera", model=model, reduce_ratio=r), energy
+    options = {name: getattr(config, name) for name in score_options(config.score) if hasattr(config, name)}
+    return stats.scores(config.score, model=model, **options), energy
 
 
 def _allocate(layer, config: QuantizeConfig, stats, scores, energy, inputs) -> LayerBits:

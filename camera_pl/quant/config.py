@@ -8,6 +8,7 @@ from camera_pl.config import Config
 from camera_pl.quant.allocation import DEFAULT_CHOICES, DEFAULT_GROUPS, check_groups
 from camera_pl.quant.methods import BIT_ALLOCATIONS
 from camera_pl.quant.quantizers import MAX_BITS, MIN_BITS
+from camera_pl.stats.scores import score_methods
 
 QUANTIZERS = ("rtn", "gptq")
 
@@ -28,6 +29,10 @@ class QuantizeConfig(Config):
         pack: replace the experts by bit-packed ones (else write the dequantized weights back).
         bit_choices: bit-widths the budgeted allocations may use (PMQ uses MC's 1/2/3).
         reduce_ratio: the CAMERA score's peak/total energy mix.
+        score: the micro-expert importance ``method="camera"`` ranks (rank groups) or weighs (budget)
+            by: ``camera`` or another micro-level score of ``camera_pl.score_methods("micro")``, e.g.
+            ``heapr`` (statistics from ``collect_stats(..., heapr_mode=...)``). The other methods mix
+            the score with CAMERA's activation energy and keep the CAMERA score.
         max_calib_tokens: calibration tokens per layer for GPTQ and PMQ.
         pmq_exponents: PMQ's ``(α, β, γ)``.
         shared_bits: bits of shared experts (default: the budget rounded half up).
@@ -42,6 +47,7 @@ class QuantizeConfig(Config):
     pack: bool = True
     bit_choices: tuple[int, ...] = DEFAULT_CHOICES
     reduce_ratio: float = 0.9
+    score: str = "camera"
     damp: float = 0.01
     act_order: bool = False
     min_tokens: int = 32
@@ -61,6 +67,10 @@ class QuantizeConfig(Config):
         self._number("group_size", 1, integer=True)
         self._number("avg_bits", optional=True)
         self._number("reduce_ratio", 0.0, 1.0)
+        self._choice("score", score_methods("micro"))
+        if self.score != "camera" and self.method != "camera":
+            self._fail("score", f"method={self.method!r} weighs CAMERA scores against CAMERA's activation energy; "
+                                "another score applies to method='camera' only.")
         self._number("damp", 0.0, low_open=True)
         self._number("min_tokens", 1, integer=True)
         self._number("max_calib_tokens", 1, integer=True, optional=True)

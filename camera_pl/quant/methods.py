@@ -35,9 +35,9 @@ class BitOptions(Protocol):
 class AllocationContext:
     """What a bit-allocation method may read for one layer.
 
-    ``score`` is the CAMERA score ``[E, I]`` and ``energy`` the routed activation energy
-    ``[E, I]``; ``stats`` the layer's statistics; ``inputs`` its calibration inputs (for
-    methods registered with ``needs_inputs``).
+    ``score`` is the micro-level score ``[E, I]`` (``QuantizeConfig.score``: CAMERA unless chosen) and
+    ``energy`` the routed activation energy ``[E, I]``; ``stats`` the layer's statistics; ``inputs``
+    its calibration inputs (for methods registered with ``needs_inputs``).
     """
 
     layer: MoELayer

@@ -20,7 +20,7 @@ from torch import nn
 
 from camera_pl.arch.adapters import MoELayer, model_signature, moe_layers
 from camera_pl.checksum import tensors_digest
-from camera_pl.stats.observation import RATIO_BINS, STATE_LAYOUT, StatsAccumulator, observe
+from camera_pl.stats.observation import RATIO_BINS, StatsAccumulator, observe
 from camera_pl.stats.scores import LayerScores, compute_scores
 
 
@@ -54,6 +54,37 @@ def weight_norms(layer: MoELayer) -> dict[str, torch.Tensor]:
     return norms
 
 
+def heapr_quadratic(layer: MoELayer, entry: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HEAPr's ``w_jᵀ (Σ_t g gᵀ) w_j`` per micro-expert from ``entry``'s curvature sums and the layer's weights.
+
+    ``w_j`` is the down-projection column of micro-expert j; ``heapr_m [E, H, H]`` (``full``) or
+    ``heapr_diag [E, H]`` (``diag``: ``Σ_t g²``, so ``Σ_h w_jh² Σ_t g_h²``) gives the curvature of
+    each expert's output. Returns ``heapr_quad [E, I]`` (0 for micro-experts no longer present)
+    and ``shared_heapr_quad [I_s]`` where the layer has shared experts; nothing without HEAPr states.
+    """
+    if "heapr_m" in entry:
+        full, curvature = True, entry["heapr_m"]
+    elif "heapr_diag" in entry:
+        full, curvature = False, entry["heapr_diag"]
+    else:
+        return {}
+
+    def quad(m: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        d = down.float()
+        m = m.to(d.device)
+        return ((m @ d) * d).sum(0) if full else (m[:, None] * d.square()).sum(0)
+
+    with torch.no_grad():
+        experts = layer.experts
+        out = {"heapr_quad": torch.zeros(layer.num_experts, layer.intermediate_size, device=experts.device)}
+        for e in range(layer.num_experts):
+            out["heapr_quad"][e, experts.channels(e)] = quad(curvature[e], experts.weights(e).down)
+        if layer.shared is not None:
+            shared = entry["shared_heapr_m" if full else "shared_heapr_diag"]
+            out["shared_heapr_quad"] = quad(shared, layer.shared.down_proj.weight)
+    return out
+
+
 def check_finite(index: int, entry: dict[str, torch.Tensor]) -> None:
     """Raise naming the layer, the statistic and the experts where a statistic is NaN or infinite."""
     for name, value in entry.items():
@@ -75,7 +106,10 @@ class MicroExpertStats:
     Attributes:
         signature: architecture and per-layer shapes of the model the stats came from.
         layers: ``{layer_index: {name: tensor}}``; names are those of
-            :data:`camera_pl.stats.observation.STATE_LAYOUT` plus the weight-norm snapshot.
+            :data:`camera_pl.stats.observation.STATE_LAYOUT` plus the weight-norm snapshot; statistics
+            collected with ``heapr_mode`` add HEAPr's curvature (see
+            :data:`~camera_pl.stats.observation.HEAPR_LAYOUT`), ``heapr_tokens`` (the tokens of the
+            shared experts' average) and ``heapr_quad``/``shared_heapr_quad`` (:func:`heapr_quadratic`).
         tokens: number of (unpadded) tokens observed.
     """
 
@@ -91,8 +125,11 @@ class MicroExpertStats:
         states = acc.compute()
         layers = {}
         for layer in moe_layers(model):
-            entry = {name: states[f"l{layer.index}_{name}"] for name in STATE_LAYOUT}
+            entry = {name: states[f"l{layer.index}_{name}"] for name in acc.layer_names(layer.index)}
+            if layer.index in acc.heapr_modes:
+                entry["heapr_tokens"] = states["tokens"].clone()
             entry.update(weight_norms(layer))
+            entry.update(heapr_quadratic(layer, entry))
             check_finite(layer.index, entry)
             layers[layer.index] = entry
         return cls(model_signature(model), layers, int(states["tokens"].item()), dict(meta or {}))
@@ -133,13 +170,20 @@ class MicroExpertStats:
     def scores(self, method: str = "camera", model: nn.Module | None = None, **kwargs) -> dict[int, LayerScores]:
         """Per-layer scores by a registered method (see :mod:`camera_pl.stats.scores`).
 
-        With ``model``, weight norms are read from its current weights instead of the snapshot.
+        With ``model``, weight norms (and HEAPr's quadratic forms) are read from its current weights instead
+        of the snapshot.
         """
         layers = self.layers
         if model is not None:
             self.check_compatible(model)
-            layers = {layer.index: {**self.layers[layer.index], **weight_norms(layer)} for layer in moe_layers(model)}
+            layers = {layer.index: {**self.layers[layer.index], **weight_norms(layer),
+                                    **heapr_quadratic(layer, self.layers[layer.index])} for layer in moe_layers(model)}
         return compute_scores(layers, method, **kwargs)
+
+    @property
+    def has_gradients(self) -> bool:
+        """Whether every layer holds HEAPr's gradient statistics (``collect_stats(..., heapr_mode=...)``)."""
+        return all("heapr_quad" in entry for entry in self.layers.values())
 
     def ratio_median(self, layer: int) -> float:
         """Median of the top-2/top-1 routing-weight ratio w1/w0 in ``layer`` (for MC's ODP threshold)."""
@@ -218,25 +262,57 @@ def _batches(dataloader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor 
         yield batch["input_ids"], batch.get("attention_mask")
 
 
-def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None = None) -> MicroExpertStats:
+def _lm_loss_backward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """One forward and backward pass of the next-token loss, summed over the batch's unpadded targets.
+
+    Summing (not averaging) gives every token's loss the same weight whatever the batch sizes.
+    Gradients flow to a detached copy of the input embeddings only (``autograd.backward(inputs=)``),
+    so the model's parameters get no ``.grad`` and frozen models work alike; the observers' tensor
+    hooks read the gradients at the expert outputs on the way.
+    """
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+    labels = input_ids[:, 1:]
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                       reduction="sum")
+    torch.autograd.backward(loss, inputs=[embeds])
+
+
+def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None = None,
+                  heapr_mode: str | None = None) -> MicroExpertStats:
     """Run ``model`` over ``dataloader`` (no Trainer needed) and return its micro-expert statistics.
 
     Batches are dicts with ``input_ids`` and optional ``attention_mask``; padding tokens never
     count. Stops after the batch that reaches ``max_tokens`` unpadded tokens. The model is
-    run in eval mode without gradients; its train/eval mode is restored afterwards.
+    run in eval mode; its train/eval mode is restored afterwards.
+
+    Without ``heapr_mode`` the forward runs without gradients. With ``heapr_mode`` (``"full"``,
+    ``"diag"`` or ``"auto"``, see :data:`~camera_pl.stats.observation.HEAPR_MODES`) every batch
+    also runs a backward pass of the summed next-token loss, and the statistics gain HEAPr's
+    curvature of each expert's output (``heapr_m`` or ``heapr_diag``), from which the ``heapr``
+    score is computed. The same pass collects all other statistics. A sequence's last token has no
+    target and no later token attending to it, so its gradient is zero; it still counts in the
+    token averages (as every routed token does in ``count``).
     """
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0):
         raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
+    layers = moe_layers(model)
+    accumulator = StatsAccumulator(layers, heapr_mode=heapr_mode)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), observe(model) as obs:
+        with torch.set_grad_enabled(heapr_mode is not None), observe(model, accumulator) as obs:
             for input_ids, attention_mask in _batches(dataloader):
                 input_ids = input_ids.to(device)
                 attention_mask = None if attention_mask is None else attention_mask.to(device)
                 obs.set_attention_mask(attention_mask, input_ids)
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                if heapr_mode is None:
+                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                else:
+                    _lm_loss_backward(model, input_ids, attention_mask)
                 if max_tokens is not None and obs.accumulator.tokens.item() >= max_tokens:
                     break
             if obs.accumulator.tokens.item() == 0:

@@ -6,6 +6,12 @@ in a :class:`StatsAccumulator`, a torchmetrics ``Metric`` whose states are float
 on the model's device with ``sum``/``max`` reductions, so under DDP/FSDP ``compute()``
 syncs them through the strategy's process group. Memory is O(layers x experts x
 intermediate); no per-token tensor outlives the forward that produced it.
+
+With ``heapr_mode`` the accumulator also holds HEAPr's output-space curvature per expert
+(:data:`HEAPR_LAYOUT`): the observers hook each forward's per-slot expert outputs and add the
+outer products of the loss gradients that reach them during the backward pass that
+:func:`camera_pl.stats.container.collect_stats` runs. That costs O(layers x experts x hidden²)
+memory in ``"full"`` mode, O(layers x experts x hidden) in ``"diag"`` mode.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torchmetrics import Metric
 
 from camera_pl.arch.adapters import MoELayer, moe_layers
 from camera_pl.arch.forward import use_camera_experts
-from camera_pl.experts.forward import segment_ends
+from camera_pl.experts.forward import SortedRouting, segment_ends
 from camera_pl.stats.reductions import micro_sums
 
 RATIO_BINS = 1000
@@ -42,28 +48,75 @@ STATE_LAYOUT: dict[str, tuple[str, str]] = {
 }
 
 
+HEAPR_MODES = ("full", "diag", "auto")
+"""``full``: per expert the whole ``[H, H]`` sum of gradient outer products; ``diag``: only its diagonal;
+``auto``: ``full`` where a layer's ``E·H²`` is at most :data:`HEAPR_FULL_MAX_ENTRIES`, else ``diag``."""
+
+HEAPR_FULL_MAX_ENTRIES = 1 << 24
+"""``auto`` keeps the full ``[E, H, H]`` curvature of a layer up to this many entries (64 MiB in float32,
+e.g. 64 experts at hidden size 512) and falls back to the diagonal above (a 2048-wide model with 128
+experts would need 2 GiB per layer)."""
+
+# mode -> {name: (shape kind, reduction)}. Extra shape kinds: "expert_hh" [E, H, H], "expert_h" [E, H],
+# "hh" [H, H], "h" [H]. Sums over routed (token, slot) pairs of the loss gradient g at the expert's output.
+HEAPR_LAYOUT: dict[str, dict[str, tuple[str, str]]] = {
+    "full": {"heapr_m": ("expert_hh", "sum"), "shared_heapr_m": ("hh", "sum")},  # sum g g^T
+    "diag": {"heapr_diag": ("expert_h", "sum"), "shared_heapr_diag": ("h", "sum")},  # sum g^2
+}
+
+
+def heapr_layer_mode(layer: MoELayer, mode: str) -> str:
+    """The mode (``full`` or ``diag``) a requested HEAPr ``mode`` gives ``layer`` (see :data:`HEAPR_MODES`)."""
+    if mode not in HEAPR_MODES:
+        raise ValueError(f"heapr_mode must be one of {', '.join(HEAPR_MODES)} (or None), got {mode!r}.")
+    if mode == "auto":
+        return "full" if layer.num_experts * layer.hidden_size**2 <= HEAPR_FULL_MAX_ENTRIES else "diag"
+    return mode
+
+
 def _state_shape(kind: str, layer: MoELayer) -> tuple[int, ...]:
+    e, h = layer.num_experts, layer.hidden_size
     return {
-        "micro": (layer.num_experts, layer.intermediate_size),
-        "expert": (layer.num_experts,),
+        "micro": (e, layer.intermediate_size),
+        "expert": (e,),
         "shared": (layer.shared_intermediate_size,),
         "bins": (RATIO_BINS,),
+        "expert_hh": (e, h, h),
+        "expert_h": (e, h),
+        "hh": (h, h),
+        "h": (h,),
     }[kind]
 
 
 class StatsAccumulator(Metric):
-    """torchmetrics states for every MoE layer, reduced with ``sum``/``max`` across ranks."""
+    """torchmetrics states for every MoE layer, reduced with ``sum``/``max`` across ranks.
+
+    With ``heapr_mode`` (see :data:`HEAPR_MODES`) each layer also gets the HEAPr curvature
+    states of its resolved mode (:attr:`heapr_modes`); they fill only where gradients flow.
+    """
 
     full_state_update = False
 
-    def __init__(self, layers: list[MoELayer]):
+    def __init__(self, layers: list[MoELayer], heapr_mode: str | None = None):
         super().__init__()
         self.layer_indices = [layer.index for layer in layers]
+        self.heapr_modes = {} if heapr_mode is None else {l.index: heapr_layer_mode(l, heapr_mode) for l in layers}
         self.add_state("tokens", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
         for layer in layers:
-            for name, (kind, reduce) in STATE_LAYOUT.items():
+            for name, (kind, reduce) in self.layout(layer.index).items():
+                if kind in ("hh", "h") and layer.shared is None:
+                    continue
                 zeros = torch.zeros(_state_shape(kind, layer), dtype=torch.float32)
                 self.add_state(f"l{layer.index}_{name}", zeros, dist_reduce_fx=reduce)
+
+    def layout(self, layer: int) -> dict[str, tuple[str, str]]:
+        """The states of one layer: :data:`STATE_LAYOUT` plus its HEAPr states, if any."""
+        mode = self.heapr_modes.get(layer)
+        return STATE_LAYOUT if mode is None else {**STATE_LAYOUT, **HEAPR_LAYOUT[mode]}
+
+    def layer_names(self, layer: int) -> list[str]:
+        """The names of the states ``layer`` holds (shared-expert curvature only where it has shared experts)."""
+        return [name for name in self.layout(layer) if hasattr(self, f"l{layer}_{name}")]
 
     def state(self, layer: int, name: str) -> torch.Tensor:
         return getattr(self, f"l{layer}_{name}")
@@ -74,7 +127,7 @@ class StatsAccumulator(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         """All states by name (synced across ranks when running distributed)."""
-        names = ["tokens"] + [f"l{i}_{n}" for i in self.layer_indices for n in STATE_LAYOUT]
+        names = ["tokens"] + [f"l{i}_{n}" for i in self.layer_indices for n in self.layer_names(i)]
         return {name: getattr(self, name).clone() for name in names}
 
 
@@ -111,6 +164,49 @@ class LayerObserver:
             ratio = top2[:, 1] / top2[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
             bins = (ratio.nan_to_num(0.0).clamp(0, 1) * RATIO_BINS).long().clamp(0, RATIO_BINS - 1)
             self._state("ratio_hist").index_add_(0, bins, mask.float())
+
+    def watch_output(self, routing: SortedRouting, out: torch.Tensor, num_tokens: int) -> None:
+        """Routed experts' per-slot outputs ``out [S, H]`` (before the routing weight), when they carry gradients.
+
+        With HEAPr states, a tensor hook adds, per expert, the outer products (or squares) of
+        the loss gradient at these outputs over the expert's unpadded rows. The gradient at the
+        expert's own output f_e(t) is the gradient at the block output times the routing weight.
+        """
+        mode = self.acc.heapr_modes.get(self.layer.index)
+        if mode is None:
+            return
+        keep = self.observation.token_mask(num_tokens, out.device)[routing.token_ids].float()
+        name = "heapr_m" if mode == "full" else "heapr_diag"
+        expert_ids, ends = routing.expert_ids, routing.ends
+
+        def on_grad(grad: torch.Tensor) -> None:
+            g = grad.detach().float() * keep[:, None]
+            state = self._state(name)
+            if mode == "diag":
+                state.index_add_(0, expert_ids, g.square())
+                return
+            for e, (start, end) in enumerate(zip([0, *ends], ends)):
+                if end > start:
+                    state[e].addmm_(g[start:end].T, g[start:end])
+
+        out.register_hook(on_grad)
+
+    def on_shared_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Forward hook on the shared expert: with HEAPr states, hook the gradient at its output (before its gate)."""
+        mode = self.acc.heapr_modes.get(self.layer.index)
+        if mode is None or not output.requires_grad:
+            return
+        mask = self.observation.token_mask(output.numel() // output.shape[-1], output.device).float()
+        state = self._state("shared_heapr_m" if mode == "full" else "shared_heapr_diag")
+
+        def on_grad(grad: torch.Tensor) -> None:
+            g = grad.detach().float().reshape(-1, grad.shape[-1]) * mask[:, None]
+            if mode == "diag":
+                state.add_(g.square().sum(0))
+            else:
+                state.addmm_(g.T, g)
+
+        output.register_hook(on_grad)
 
     def on_router_output(self, module: nn.Module, args: tuple, output: tuple) -> None:
         """Forward hook on the router: accumulate per-expert probability mass."""
@@ -187,6 +283,7 @@ def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> It
             if layer.shared is not None:
                 handles.append(layer.block.register_forward_pre_hook(obs.on_block_input))
                 handles.append(layer.shared.down_proj.register_forward_pre_hook(obs.on_shared_down_input))
+                handles.append(layer.shared.register_forward_hook(obs.on_shared_output))
         yield observation
     finally:
         for handle in handles:

@@ -106,6 +106,35 @@ def activation_score(s: dict[str, torch.Tensor]) -> LayerScores:
     return LayerScores("micro", s["act_sq_sum"].clone(), s["shared_act_sq_sum"].clone() if "shared_down_norm_sq" in s else None)
 
 
+@register_score("heapr", "micro")
+def heapr_score(s: dict[str, torch.Tensor]) -> LayerScores:
+    """HEAPr (arXiv 2509.22299): second-order loss change of removing micro-expert ("atomic expert") j.
+
+    Removing j changes expert e's output f_e(t) by ``−a_j(t)·w_j`` (``w_j``: down-projection column
+    j), so with the Fisher approximation of the output-space Hessian, ``M_e = mean_t g(t) g(t)ᵀ``
+    (``g``: loss gradient at f_e(t), routing weight included, over e's routed tokens), the loss
+    changes by about ``a_j² · w_jᵀ M_e w_j``. Computed in HEAPr's factorised form::
+
+        score_j = mean_t a_j(t)² · w_jᵀ M_e w_j = (act_sq_sum / count) · (heapr_quad / count)
+
+    i.e. the token average of a² and M_e are taken separately (not ``mean_t a_j(t)² (w_jᵀ g(t))²``).
+    Shared micro-experts use the same form over all tokens (``heapr_tokens``; g before the shared
+    gate). With ``diag`` statistics M_e is replaced by its diagonal. Scores of different layers
+    share one scale (loss change), so ``global`` ranks them across layers. Needs statistics from
+    ``collect_stats(model, dataloader, heapr_mode=...)``; never-routed experts score 0.
+    """
+    if "heapr_quad" not in s:
+        raise ValueError("method='heapr' needs gradient statistics, which these statistics lack: collect them with "
+                         "camera_pl.collect_stats(model, dataloader, heapr_mode='auto') (one backward pass per batch).")
+    count = s["count"].clamp_min(1)[:, None]
+    routed = s["act_sq_sum"] / count * (s["heapr_quad"] / count)
+    shared = None
+    if "shared_heapr_quad" in s:
+        tokens = s["heapr_tokens"].clamp_min(1)
+        shared = s["shared_act_sq_sum"] / tokens * (s["shared_heapr_quad"] / tokens)
+    return LayerScores("micro", routed, shared)
+
+
 @register_score("random", "micro")
 def random_score(s: dict[str, torch.Tensor], seed: int = 0, layer_index: int = 0) -> LayerScores:
     """Uniform random scores, reproducible from ``seed`` (and the layer index)."""

@@ -33,6 +33,7 @@ from camera_pl.lora import LoRAConfig
 from camera_pl.odp import OdpConfig
 from camera_pl.pruning.config import PruneConfig
 from camera_pl.quant.config import QuantizeConfig
+from camera_pl.stats.observation import HEAPR_MODES
 
 
 class RecipeError(ValueError):
@@ -106,11 +107,17 @@ def declares(*, changes_model: bool, checkpoint: bool, installs_hooks: bool):
 @declares(changes_model=False, checkpoint=False, installs_hooks=False)
 @dataclass
 class StatsStep(StepSpec):
+    """``max_tokens`` calibration tokens; ``heapr_mode`` (``full``/``diag``/``auto``) adds the gradient pass the
+    ``heapr`` score needs (see :func:`camera_pl.collect_stats`)."""
+
     max_tokens: int | None = 20000
+    heapr_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"stats.max_tokens={self.max_tokens!r}: must be a positive integer or null.")
+        if self.heapr_mode is not None and self.heapr_mode not in HEAPR_MODES:
+            raise ConfigError(f"stats.heapr_mode={self.heapr_mode!r}: must be one of {', '.join(HEAPR_MODES)} or null.")
 
 
 @declares(changes_model=True, checkpoint=True, installs_hooks=False)

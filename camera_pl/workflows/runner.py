@@ -101,7 +101,8 @@ def model_size(model: nn.Module) -> dict[str, float]:
 def step_stats(ctx: RunContext, step) -> None:
     from camera_pl.stats.container import collect_stats
 
-    ctx.stats = collect_stats(ctx.model, ctx.loader("validation", ctx.recipe.data.calib_batches), step.max_tokens)
+    ctx.stats = collect_stats(ctx.model, ctx.loader("validation", ctx.recipe.data.calib_batches), step.max_tokens,
+                              heapr_mode=step.heapr_mode)
     ctx.stats.save(ctx.run_dir / STATS)
     ctx.log(f"statistics: {ctx.stats.tokens} tokens, {ctx.stats.nbytes() / 1024:.0f} KiB")
 
