@@ -324,3 +324,26 @@ def test_decode_sized_grouped_forward_builds_only_hit_experts(arch, method, dtyp
             patch.setattr(QuantizedExperts, "grouped_weights", lambda self, x, hit=None: None)
             torch.testing.assert_close(layer.module(x, index, weights), grouped, rtol=0, atol=atol)
         torch.testing.assert_close(fake_layer.module(x, index, weights), grouped, rtol=0, atol=atol)
+
+
+def test_pmq_weight_over_selected_tokens_changes_w_only(stats_of):
+    """pmq_weight='selected' takes w from the router probability of the routed slots (MC's code)."""
+    from camera_pl import QuantizeConfig
+    from camera_pl.quant.api import allocate
+
+    model = tiny_moe("qwen3_moe")
+    stats = stats_of("qwen3_moe")
+    calib = [make_batch()]
+    for index, entry in stats.layers.items():  # selected mass never exceeds the total and is positive where routed
+        assert (entry["selected_prob_sum"] <= entry["prob_sum"] + 1e-6).all()
+        assert ((entry["selected_prob_sum"] > 0) == (entry["count"] > 0)).all()
+    both = {w: allocate(model, stats, QuantizeConfig(method="pmq", avg_bits=2.5, pmq_weight=w), calib_dataloader=calib)
+            for w in ("all", "selected")}
+    assert all(abs(bits.avg_bits() - 2.5) < 0.5 for alloc in both.values() for bits in alloc.values())
+    legacy = type(stats)(stats.signature, {i: {k: v for k, v in e.items() if k != "selected_prob_sum"}
+                                           for i, e in stats.layers.items()}, stats.tokens, stats.meta)
+    with pytest.raises(ValueError, match="collect them again"):
+        allocate(model, legacy, QuantizeConfig(method="pmq", avg_bits=2.5, pmq_weight="selected"),
+                 calib_dataloader=calib)
+    with pytest.raises(ValueError, match="pmq_weight"):
+        QuantizeConfig(method="pmq", avg_bits=2.5, pmq_weight="some")

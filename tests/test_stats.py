@@ -27,7 +27,7 @@ def brute_force_stats(model, batch) -> dict[int, dict[str, torch.Tensor]]:
             "sq_sum": ga2.sum(0), "sq_max": ga2.amax(0),
             "act_sq_sum": (d["a"] ** 2 * routed[..., None]).sum(0),
             "count": routed.sum(0), "weight_sum": (d["g"] * m[:, None]).sum(0),
-            "prob_sum": (d["probs"] * m[:, None]).sum(0),
+            "prob_sum": (d["probs"] * m[:, None]).sum(0), "selected_prob_sum": (d["probs"] * routed).sum(0),
             "out_norm_sum": (fn * routed).sum(0), "weighted_out_norm_sum": (fn * d["g"] * m[:, None]).sum(0),
             "ratios": (top2[:, 1] / top2[:, 0])[m.bool()],
             "down_norm_sq": layer.experts.stacked().down.double().pow(2).sum(1),

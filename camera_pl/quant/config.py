@@ -34,7 +34,9 @@ class QuantizeConfig(Config):
             ``heapr`` (statistics from ``collect_stats(..., heapr_mode=...)``). The other methods mix
             the score with CAMERA's activation energy and keep the CAMERA score.
         max_calib_tokens: calibration tokens per layer for GPTQ and PMQ.
-        pmq_exponents: PMQ's ``(α, β, γ)``.
+        pmq_exponents: PMQ's ``(α, β, γ)`` (the paper's γ = 2; MC's code raises ε to α: ``(1, 1.5, 1)``).
+        pmq_weight: PMQ's activation weight ``w``: ``"all"`` sums router probabilities over all tokens
+            (the paper), ``"selected"`` only over the tokens that select the expert (MC's code).
         shared_bits: bits of shared experts (default: the budget rounded half up).
         other_bits: if set, RTN fake-quantize the decoder's other linear layers at these bits.
     """
@@ -53,6 +55,7 @@ class QuantizeConfig(Config):
     min_tokens: int = 32
     max_calib_tokens: int | None = None
     pmq_exponents: tuple[float, float, float] = (1.0, 1.5, 2.0)
+    pmq_weight: str = "all"
     shared_bits: int | None = None
     other_bits: int | None = None
 
@@ -82,6 +85,7 @@ class QuantizeConfig(Config):
         if not choices or any(isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS
                               for b in choices) or list(choices) != sorted(set(choices)):
             self._fail("bit_choices", f"expected strictly ascending integers in {MIN_BITS}..{MAX_BITS}.")
+        self._choice("pmq_weight", ("all", "selected"))
         if len(self.pmq_exponents) != 3:
             self._fail("pmq_exponents", "expected three exponents (alpha, beta, gamma).")
         if self.groups is not None:

@@ -230,9 +230,13 @@ def pmq_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int, ...], g
 
 @register_bit_allocation("pmq", needs_inputs=True, choices=PMQ_CHOICES)
 def pmq_allocation(ctx: AllocationContext) -> LayerBits:
-    """PMQ: expert bits from ``min Σ φ^α w^β ε^γ`` (φ frequency, w mean router probability, both summing to 1)."""
+    """PMQ: expert bits from ``min Σ φ^α w^β ε^γ`` (φ frequency, w router probability mass, both summing to 1)."""
     layer, inputs, avg_bits, group_size = ctx.layer, ctx.inputs, ctx.config.avg_bits, ctx.config.group_size
-    count, prob_sum, choices = ctx.stats["count"], ctx.stats["prob_sum"], PMQ_CHOICES
+    weight = "prob_sum" if ctx.config.pmq_weight == "all" else "selected_prob_sum"
+    if weight not in ctx.stats:
+        raise ValueError(f"pmq_weight={ctx.config.pmq_weight!r} needs the statistic {weight!r}, which these statistics "
+                         "(collected by an earlier camera_pl) lack; collect them again with camera_pl.collect_stats.")
+    count, prob_sum, choices = ctx.stats["count"], ctx.stats[weight], PMQ_CHOICES
     alpha, beta, gamma = ctx.config.pmq_exponents
     phi = count.double().cpu() / count.double().sum().clamp_min(1e-30)
     w = prob_sum.double().cpu() / prob_sum.double().sum().clamp_min(1e-30)

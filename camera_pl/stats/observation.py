@@ -39,6 +39,7 @@ STATE_LAYOUT: dict[str, tuple[str, str]] = {
     "count": ("expert", "sum"),  # routed-token count
     "weight_sum": ("expert", "sum"),  # sum of top-k routing weight g
     "prob_sum": ("expert", "sum"),  # sum of router probability (all tokens, before top-k)
+    "selected_prob_sum": ("expert", "sum"),  # the same over the tokens that select the expert (MC's code)
     "out_norm_sum": ("expert", "sum"),  # sum over routed tokens of ||f_e(x)||
     "weighted_out_norm_sum": ("expert", "sum"),  # sum over routed tokens of g ||f_e(x)||
     "ratio_hist": ("bins", "sum"),  # histogram of w1/w0 (top-2 over top-1 weight)
@@ -139,6 +140,7 @@ class LayerObserver:
         self.acc = acc
         self.observation = observation
         self._shared_gate: torch.Tensor | None = None
+        self._probs: torch.Tensor | None = None  # this forward's router probabilities [T, E]
 
     def _state(self, name: str) -> torch.Tensor:
         return self.acc.state(self.layer.index, name)
@@ -156,8 +158,10 @@ class LayerObserver:
         self._state("sq_sum").add_(sq)
         torch.maximum(self._state("sq_max"), sq_max, out=self._state("sq_max"))
         g = w * keep
+        selected = self._probs[token_ids, expert_ids] * keep  # router probability of the routed slots
         for name, rows in (("count", keep), ("weight_sum", g), ("out_norm_sum", out_norms * keep),
-                           ("weighted_out_norm_sum", out_norms * g)):  # 1-D segments: one CUB reduction each on CUDA
+                           ("weighted_out_norm_sum", out_norms * g),
+                           ("selected_prob_sum", selected)):  # 1-D segments: one CUB reduction each on CUDA
             self._state(name).add_(torch.segment_reduce(rows, "sum", lengths=lengths, unsafe=True, initial=0.0))
         if top_k_weights.shape[1] >= 2:
             top2 = top_k_weights.float().topk(2, dim=-1).values
@@ -213,6 +217,7 @@ class LayerObserver:
         probs = self.layer.router_probs(output[0])
         mask = self.observation.token_mask(probs.shape[0], probs.device)
         self._state("prob_sum").add_((probs * mask[:, None]).sum(0))
+        self._probs = probs.detach()  # read by this layer's experts forward, which follows
 
     def on_block_input(self, module: nn.Module, args: tuple) -> None:
         """Pre-hook on the MoE block: the sigmoid shared-expert gate of each token."""
