@@ -30,7 +30,7 @@ scores at a time).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -303,17 +303,20 @@ class OdpConfig(Config):
             0 turns protection off (weight rule only, attention untouched).
         thresholds: one μ for all layers, or ``{layer_index: μ}`` overriding the statistics;
             None takes each layer's calibration median of ``w1/w0``.
-        layers: indices of the MoE layers ODP runs on (MC applies it to a chosen subset);
-            None: every MoE layer.
+        layers: the MoE layers ODP runs on (MC applies it to a chosen subset): a list of layer
+            indices; or a count ``k``: the ``k`` layers where ODP alone raises the calibration loss
+            least (:func:`rank_layers`; needs ``calib_dataloader``); None: every MoE layer.
     """
 
     protect_ratio: float = 0.02
     thresholds: float | dict[int, float] | None = None
-    layers: list[int] | None = None
+    layers: list[int] | int | None = None
 
     def check(self) -> None:
         self._number("protect_ratio", 0.0, 1.0)
-        if self.layers is not None:
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            self._number("layers", 1, integer=True)
+        elif self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) for i in self.layers) or not self.layers:
                 self._fail("layers", "expected a non-empty list of MoE layer indices, or None for every layer.")
@@ -327,15 +330,52 @@ class OdpConfig(Config):
             self._number("thresholds", 0.0, 1.0)
 
 
+def _calibration_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Mean next-token loss over the (unpadded) tokens of ``batches``."""
+    device = next(model.parameters()).device
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            labels = ids.masked_fill(mask == 0, -100)
+            tokens = float((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * tokens
+            count += tokens
+    return total / max(count, 1.0)
+
+
+def rank_layers(model: nn.Module, stats: MicroExpertStats | None, calib_dataloader: Iterable,
+                config: OdpConfig | None = None) -> list[tuple[int, float]]:
+    """``(layer index, calibration-loss increase)`` of ODP on each MoE layer alone, least harmful first."""
+    config = OdpConfig.build(config)
+    restore = use_camera_experts(model)  # the baseline runs the same experts implementation as ODP
+    try:
+        base = _calibration_loss(model, calib_dataloader)
+    finally:
+        restore()
+    ranked = []
+    for layer in moe_layers(model):
+        handle = apply_odp(model, stats, OdpConfig.build(config, layers=[layer.index]))
+        try:
+            ranked.append((layer.index, _calibration_loss(model, calib_dataloader) - base))
+        finally:
+            handle.remove()
+    return sorted(ranked, key=lambda item: item[1])
+
+
 def apply_odp(model: nn.Module, stats: MicroExpertStats | None = None, config: OdpConfig | float | None = None,
-              **options) -> OdpHandle:
-    """Install ODP on every MoE layer of ``model`` (in place); see the module docstring and :class:`OdpConfig`.
+              calib_dataloader: Iterable | None = None, **options) -> OdpHandle:
+    """Install ODP on the MoE layers of ``model`` (in place); see the module docstring and :class:`OdpConfig`.
 
     Args:
         model: a transformers MoE causal LM (experts of any kind: fused, pruned, quantized, compressed).
         stats: calibration statistics of this model; each layer's threshold defaults to
             ``stats.ratio_median(layer)``. May be None when ``thresholds`` covers every layer.
         config: an :class:`OdpConfig` (or its ``protect_ratio``); ``options`` are its fields.
+        calib_dataloader: batches (dicts with ``input_ids``) that rank the layers when
+            ``config.layers`` is a count.
 
     Returns:
         An :class:`OdpHandle`; ``handle.remove()`` restores the model.
@@ -346,6 +386,14 @@ def apply_odp(model: nn.Module, stats: MicroExpertStats | None = None, config: O
     if hasattr(model, "_camera_odp_handle"):
         raise RuntimeError("ODP is already installed on this model; call handle.remove() before installing it again.")
     layers = moe_layers(model)
+    if isinstance(config.layers, int):
+        if calib_dataloader is None:
+            raise ValueError(f"OdpConfig.layers={config.layers} picks the layers where ODP costs least on calibration "
+                             "data: pass calib_dataloader=..., or list the layer indices instead.")
+        if config.layers > len(layers):
+            raise ValueError(f"OdpConfig.layers={config.layers}, but this model has {len(layers)} MoE layers.")
+        chosen = [index for index, _ in rank_layers(model, stats, calib_dataloader, config)[: config.layers]]
+        config = OdpConfig.build(config, layers=chosen)
     if config.layers is not None:
         unknown = sorted(set(config.layers) - {layer.index for layer in layers})
         if unknown:

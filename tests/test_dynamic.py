@@ -260,3 +260,22 @@ def test_layer_subset_leaves_other_layers_untouched():
         apply_odp(model, None, thresholds=0.5, layers=[9])
     with pytest.raises(ValueError, match="non-empty list"):
         apply_odp(model, None, thresholds=0.5, layers="0")
+
+
+def test_layer_count_picks_the_least_harmful_layers():
+    """layers=k: the k MoE layers where ODP alone raises the calibration loss least (MC's selection)."""
+    from camera_pl.odp import rank_layers
+
+    model = tiny_moe("qwen3_moe")
+    batches = [make_batch(seed) for seed in range(2)]
+    stats = collect_stats(model, batches)
+    ranked = rank_layers(model, stats, batches)
+    assert sorted(i for i, _ in ranked) == [layer.index for layer in moe_layers(model)]
+    assert [cost for _, cost in ranked] == sorted(cost for _, cost in ranked)
+    handle = apply_odp(model, stats, layers=1, calib_dataloader=batches)
+    assert list(handle.thresholds) == [ranked[0][0]]
+    handle.remove()
+    with pytest.raises(ValueError, match="pass calib_dataloader"):
+        apply_odp(model, stats, layers=1)
+    with pytest.raises(ValueError, match="MoE layers"):
+        apply_odp(model, stats, layers=9, calib_dataloader=batches)

@@ -207,7 +207,9 @@ def step_save(ctx: RunContext, step) -> None:
 def step_odp(ctx: RunContext, step) -> None:
     from camera_pl.odp import apply_odp
 
-    apply_odp(ctx.model, _stats_or_collect(ctx), step)
+    ranked = isinstance(step.layers, int)  # a layer count: ranked on calibration data
+    apply_odp(ctx.model, _stats_or_collect(ctx), step,
+              calib_dataloader=ctx.loader("validation", ctx.recipe.data.calib_batches) if ranked else None)
 
 
 def step_compressed_experts(ctx: RunContext, step) -> None:
