@@ -34,17 +34,37 @@ def routing_frequency(stats: MicroExpertStats) -> dict[int, torch.Tensor]:
 
 def write_report(stats: MicroExpertStats, out_dir: str | Path, fractions: Sequence[float] = (0.1, 0.2, 0.4),
                  reduce_ratio: float = 0.9) -> Path:
-    """Write ``scores.png``, ``routing.png`` and ``analysis.md`` to ``out_dir``; returns the Markdown path."""
-    import matplotlib
+    """Write ``analysis.md`` and, with matplotlib, ``scores.png`` and ``routing.png`` to ``out_dir``; returns the
+    Markdown path."""
+    from camera_pl.plots import MISSING, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scores = stats.scores("camera", reduce_ratio=reduce_ratio)
     shares = energy_shares(stats, fractions, reduce_ratio)
     freq = routing_frequency(stats)
+
+    if plt is not None:
+        _plot_scores(plt, scores, freq, out_dir)
+
+    header = "| layer | " + " | ".join(f"top {int(f * 100)}% energy" for f in fractions) + " | max / min expert frequency |"
+    lines = [f"# Micro-expert analysis ({stats.signature['model_class']}, {stats.tokens} tokens, r={reduce_ratio})", "",
+             header, "|" + "---|" * (len(fractions) + 2)]
+    for index in shares:
+        f = freq[index]
+        ratio = float(f.max() / f.min()) if float(f.min()) > 0 else float("inf")
+        lines.append(f"| {index} | " + " | ".join(f"{100 * shares[index][x]:.1f}%" for x in fractions) + f" | {ratio:.1f} |")
+    lines += ["", "![CAMERA scores](scores.png)", "", "![routing](routing.png)", ""] if plt is not None else \
+        ["", f"(No figures: {MISSING}.)", ""]
+    path = out_dir / "analysis.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot_scores(plt, scores: dict, freq: dict[int, torch.Tensor], out_dir: Path) -> None:
+    """``scores.png`` (cumulative CAMERA energy over sorted micro-experts) and ``routing.png`` (expert frequencies)."""
 
     def save_plot(fig, ax, xlabel: str, ylabel: str, name: str) -> None:
         ax.set_xlabel(xlabel)
@@ -65,15 +85,3 @@ def write_report(stats: MicroExpertStats, out_dir: str | Path, fractions: Sequen
     for index, f in freq.items():
         ax.plot(sorted(f.tolist(), reverse=True), marker=".", label=f"layer {index}")
     save_plot(fig, ax, "expert (sorted)", "routing frequency", "routing.png")
-
-    header = "| layer | " + " | ".join(f"top {int(f * 100)}% energy" for f in fractions) + " | max / min expert frequency |"
-    lines = [f"# Micro-expert analysis ({stats.signature['model_class']}, {stats.tokens} tokens, r={reduce_ratio})", "",
-             header, "|" + "---|" * (len(fractions) + 2)]
-    for index in shares:
-        f = freq[index]
-        ratio = float(f.max() / f.min()) if float(f.min()) > 0 else float("inf")
-        lines.append(f"| {index} | " + " | ".join(f"{100 * shares[index][x]:.1f}%" for x in fractions) + f" | {ratio:.1f} |")
-    lines += ["", "![CAMERA scores](scores.png)", "", "![routing](routing.png)", ""]
-    path = out_dir / "analysis.md"
-    path.write_text("\n".join(lines))
-    return path

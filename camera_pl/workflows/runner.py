@@ -241,11 +241,12 @@ def _write_metrics(ctx: RunContext) -> None:
 
 
 def _plot_metrics(ctx: RunContext) -> None:
-    import matplotlib
+    from camera_pl.plots import MISSING, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        ctx.log(f"metrics.png skipped: {MISSING}")
+        return
     labels = [row["label"] for row in ctx.metrics]
     panels = [k for k in ("perplexity", "params", "bytes") if all(k in row for row in ctx.metrics)]
     if not panels:
