@@ -212,7 +212,23 @@ def weightless(module: nn.Module) -> nn.Module:
     return template
 
 
-class FusedExperts(Experts):
+class WritesInPlace:
+    """For kinds whose :meth:`Experts.weights` are views of their own storage: writes go through the views.
+
+    Kinds whose per-expert weights are computed (dequantized) have no ``write``.
+    """
+
+    def write(self, e: int, w: ExpertWeights) -> None:
+        """Overwrite expert ``e``'s gate, up and down weights in place (fake quantization)."""
+        mine = self.weights(e)
+        with torch.no_grad():
+            for name in ("gate", "up", "down"):
+                target = getattr(mine, name)
+                if target is not None:
+                    target.copy_(getattr(w, name))
+
+
+class FusedExperts(WritesInPlace, Experts):
     """The interface over a transformers fused experts module (``gate_up_proj [E, 2I, H]`` + ``down_proj``)."""
 
     kind = "fused"
@@ -281,14 +297,6 @@ class FusedExperts(Experts):
             return GroupedWeights(up, down, getattr(m, f"{layout.up_name}_bias"), m.down_proj_bias)
         return GroupedWeights(up, down)
 
-    def write(self, e: int, w: ExpertWeights) -> None:
-        """Overwrite expert ``e``'s weights in place (fake quantization)."""
-        mine = self.weights(e)
-        with torch.no_grad():
-            for name in ("gate", "up", "down"):
-                target = getattr(mine, name)
-                if target is not None:
-                    target.copy_(getattr(w, name))
 
 
 def cast(w: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:

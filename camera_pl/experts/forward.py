@@ -50,9 +50,13 @@ class SortedRouting:
     weights: torch.Tensor
     ends: list[int]  # cumulative row counts per expert
 
+    def counts(self) -> list[int]:
+        """Rows of every expert (host-side: no sync)."""
+        return [end - start for start, end in zip([0, *self.ends], self.ends)]
+
     def hit(self) -> list[int]:
-        """Ascending ids of the experts with at least one row (from the host-side counts: no sync)."""
-        return [e for e, (start, end) in enumerate(zip([0, *self.ends], self.ends)) if end > start]
+        """Ascending ids of the experts with at least one row (host-side: no sync)."""
+        return [e for e, n in enumerate(self.counts()) if n]
 
     @classmethod
     def of(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> "SortedRouting":
@@ -164,7 +168,7 @@ def stacked_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, weig
 def bucketed_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, buckets: WeightGroups,
                   observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Grouped GEMMs per group of experts: rows regrouped by group (one gather), results put back (one scatter)."""
-    counts = [b - a for a, b in zip([0, *routing.ends], routing.ends)]
+    counts = routing.counts()
     order = torch.argsort(buckets.group_of[routing.expert_ids], stable=True)  # by group, then by expert
     xs, acts, outs, start = x[order], [], [], 0
     for members, weights in zip(buckets.members, buckets.groups):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from camera_pl.arch.layout import ExpertsLayout
-from camera_pl.experts.base import Experts, ExpertWeights, cast
+from camera_pl.experts.base import Experts, ExpertWeights, WritesInPlace, cast
 
 CHANNELS = "camera_channels"
 """Non-persistent buffer of a pruned expert MLP: original index of each kept micro-expert."""
@@ -50,7 +50,7 @@ class ListGating(nn.Module):
         return self.act_fn(gate) * up
 
 
-class ModuleListExperts(Experts):
+class ModuleListExperts(WritesInPlace, Experts):
     """The experts interface over an ``nn.ModuleList`` of MLPs (see the module docstring)."""
 
     kind = "list"
@@ -105,13 +105,6 @@ class ModuleListExperts(Experts):
     @property
     def dtype(self) -> torch.dtype:
         return self._module[0].down_proj.weight.dtype
-
-    def write(self, e: int, w: ExpertWeights) -> None:
-        """Overwrite expert ``e``'s weights in place (fake quantization)."""
-        mine = self.weights(e)
-        with torch.no_grad():
-            for name in ("gate", "up", "down"):
-                getattr(mine, name).copy_(getattr(w, name))
 
     def keep(self, keep: torch.Tensor) -> None:
         """Narrow every expert's Linears to the micro-experts ``keep [E, I]`` marks (original indices).

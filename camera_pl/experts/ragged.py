@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, WeightGroups, cast, grouped_mm_supported
+from camera_pl.experts.base import (Experts, ExpertWeights, GroupedWeights, WeightGroups, WritesInPlace, cast,
+                                    grouped_mm_supported)
 from camera_pl.experts.buckets import BucketPlan, plan_buckets
 from camera_pl.experts.module import CameraExperts
 
@@ -24,7 +25,7 @@ LEGACY_KEYS = ("gate", "up", "down", "gate_bias", "up_bias", "channel_index")
 """State-dict keys of the compact ``[ΣW_e, H]`` storage that camera_pl 0.2 wrote (converted on load)."""
 
 
-class RaggedExperts(CameraExperts):
+class RaggedExperts(WritesInPlace, CameraExperts):
     """Routed experts where expert ``e`` keeps ``widths[e]`` of its original micro-experts."""
 
     kind = "ragged"
@@ -39,6 +40,8 @@ class RaggedExperts(CameraExperts):
         kw = dict(dtype=dtype, device=device)
         hidden, packed = self.hidden_size, 2 if self.layout.has_gate else 1
         group_of = torch.full((self.num_experts,), len(self.plan.members), dtype=torch.long)
+        self._padded = [any(int(widths[e]) < width for e in members)  # buckets whose slots past a width need masking
+                        for members, width in zip(self.plan.members, self.plan.widths)]
         for b, (members, width) in enumerate(zip(self.plan.members, self.plan.widths)):
             n = len(members)
             group_of[list(members)] = b
@@ -155,14 +158,6 @@ class RaggedExperts(CameraExperts):
                           None if self.down_bias is None else self.down_bias[e])
         return w if dtype is None else cast(w, dtype)
 
-    def write(self, e: int, w: ExpertWeights) -> None:
-        """Overwrite expert ``e``'s weights in place (fake quantization)."""
-        mine = self.weights(e)
-        with torch.no_grad():
-            for name in ("gate", "up", "down"):
-                if getattr(mine, name) is not None:
-                    getattr(mine, name).copy_(getattr(w, name))
-
     def weight_parameters(self) -> list[str]:
         return [name for b in range(len(self.plan.members)) for name in (self._up_name(b), f"down_{b}")]
 
@@ -183,11 +178,10 @@ class RaggedExperts(CameraExperts):
         groups = []
         for b, members in enumerate(self.plan.members):
             up, down, bias = self._stacks(b)
-            widths = self.get_buffer(f"widths_{b}")
-            padded = bool((self._widths[list(members)] < self.plan.widths[b]).any())
+            widths = self.get_buffer(f"widths_{b}") if self._padded[b] else None
             groups.append(GroupedWeights(up.transpose(1, 2), down.transpose(1, 2), bias,
                                          None if self.down_bias is None else self.down_bias[list(members)],
-                                         channels=self.get_buffer(f"channels_{b}"), widths=widths if padded else None))
+                                         channels=self.get_buffer(f"channels_{b}"), widths=widths))
         return WeightGroups(groups, [list(m) for m in self.plan.members], self.group_of)
 
     # ---- description -------------------------------------------------------------------------
