@@ -29,8 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
+from camera_pl.labels import IGNORE_INDEX, causal_labels  # IGNORE_INDEX: part of this module's API
+
 SPLITS = ("train", "validation", "test")
-IGNORE_INDEX = -100
 
 # Parts of the standard library that are not representative source code: test
 # suites, generated data tables and bundled third-party packages.
@@ -200,8 +201,7 @@ def _block(ids: list[int], block_size: int, pad_id: int) -> dict[str, torch.Tens
     input_ids[:n] = torch.tensor(ids, dtype=torch.long)
     attention_mask = torch.zeros(block_size, dtype=torch.long)
     attention_mask[:n] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": causal_labels(input_ids, attention_mask)}
 
 
 class _BlockList(Dataset):

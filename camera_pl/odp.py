@@ -41,6 +41,7 @@ from camera_pl.arch.adapters import MoELayer, moe_layers
 from camera_pl.arch.attention import AttentionTaps, tap_attention
 from camera_pl.arch.forward import use_camera_experts
 from camera_pl.config import Config
+from camera_pl.labels import IGNORE_INDEX, causal_labels
 
 if TYPE_CHECKING:
     from camera_pl.stats.container import MicroExpertStats
@@ -339,8 +340,8 @@ def _calibration_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            labels = ids.masked_fill(mask == 0, -100)
-            tokens = float((labels[:, 1:] != -100).sum())
+            labels = causal_labels(ids, mask)
+            tokens = float((labels[:, 1:] != IGNORE_INDEX).sum())
             total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * tokens
             count += tokens
     return total / max(count, 1.0)

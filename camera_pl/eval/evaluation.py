@@ -27,7 +27,7 @@ from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
-from camera_pl.data import IGNORE_INDEX
+from camera_pl.labels import IGNORE_INDEX
 
 
 def _device(model: nn.Module) -> torch.device:

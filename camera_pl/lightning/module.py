@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from camera_pl.labels import IGNORE_INDEX, causal_labels
 from camera_pl.lightning.structure import restore_structure
 from camera_pl.pretrained import load_pretrained
 
@@ -37,15 +38,11 @@ class CausalLMModule(pl.LightningModule):
     @staticmethod
     def _labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         labels = batch.get("labels")
-        if labels is None:
-            labels = batch["input_ids"].clone()
-            if batch.get("attention_mask") is not None:
-                labels[batch["attention_mask"] == 0] = -100
-        return labels
+        return causal_labels(batch["input_ids"], batch.get("attention_mask")) if labels is None else labels
 
-    def _loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         labels=self._labels(batch), use_cache=False)
+                         labels=self._labels(batch) if labels is None else labels, use_cache=False)
         return out.loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -55,8 +52,9 @@ class CausalLMModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logs ``val/loss``: the epoch's mean over predicted tokens (a batch counts by its tokens, not as one)."""
-        loss = self._loss(batch)
-        tokens = int((self._labels(batch)[:, 1:] != -100).sum())  # the model predicts token t+1 from t
+        labels = self._labels(batch)
+        loss = self._loss(batch, labels)
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the model predicts token t+1 from t
         # Lightning weights the epoch mean by batch_size and, with sync_dist, sums values and weights over ranks
         self.log("val/loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)
         return loss

@@ -20,6 +20,7 @@ from torch import nn
 
 from camera_pl.arch.adapters import MoELayer, model_signature, moe_layers
 from camera_pl.checksum import tensors_digest
+from camera_pl.labels import IGNORE_INDEX, causal_labels
 from camera_pl.stats.observation import RATIO_BINS, StatsAccumulator, observe
 from camera_pl.stats.scores import LayerScores, compute_scores
 
@@ -272,11 +273,9 @@ def _lm_loss_backward(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
     logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-    labels = input_ids[:, 1:]
-    if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
-    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                       reduction="sum")
+    labels = causal_labels(input_ids, attention_mask)[:, 1:]
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
     torch.autograd.backward(loss, inputs=[embeds])
 
 
