@@ -23,7 +23,7 @@ def load_pretrained(name: str, dtype: str | torch.dtype = "float32",
         from camera_pl.reference import reference_model
 
         return reference_model(dtype=dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(name).expanduser()
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
@@ -33,15 +33,15 @@ def load_pretrained(name: str, dtype: str | torch.dtype = "float32",
     if (path / "camera_pl.json").exists():
         from camera_pl.serialization import load
 
-        return _checked(load(path, dtype=dtype), AutoTokenizer.from_pretrained(path), name)
+        return _checked(load(path, dtype=dtype), load_tokenizer(name), name)
     log(f"loading {name} with transformers")
     try:
-        return _checked(AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name),
-                        name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as err:  # transformers' answer for a name that is neither a directory nor a reachable hub repo
         raise ModelNotFoundError(f"Cannot load model {name!r}: it is not a local directory, and loading it as a "
                                  f"hub name failed ({str(err).splitlines()[0]}). Give a model directory, "
                                  "'reference', or a hub name reachable from this machine.") from None
+    return _checked(model, load_tokenizer(name), name)
 
 
 def load_tokenizer(name: str) -> Any:

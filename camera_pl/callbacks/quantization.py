@@ -75,7 +75,7 @@ class CameraQuantization(ChangesStructure):
 
     def _calibration(self, trainer: pl.Trainer) -> Iterable | None:
         """GPTQ/PMQ batches: ``calib_dataloader``, else the fit's validation data; None where none is needed."""
-        if not self.config.needs_calibration or self.allocation is not None and self.config.quantizer != "gptq":
+        if not self.config.needs_calibration or (self.allocation is not None and self.config.quantizer != "gptq"):
             return self.calib_dataloader
         return calibration_data(trainer, self.calib_dataloader, "CameraQuantization (GPTQ/PMQ)")
 
