@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 import datasets
 import lightning as L
@@ -39,6 +39,11 @@ _STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
 )
 _STDLIB_EXCLUDED_PREFIXES = ("_sysconfigdata", "config-")
+_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+# Test inputs that are not UTF-8 (or not valid source) on purpose.
+_UNREADABLE_TEST_FILES = frozenset(
+    {"module_iso_8859_1.py", "module_koi8_r.py", "test_source_encoding.py", "badsyntax_pep3120.py"}
+)
 
 _TEXT_SUFFIXES = frozenset({".txt", ".py", ".md", ".rst", ".text"})
 _JSONL_SUFFIXES = frozenset({".jsonl", ".json"})
@@ -74,6 +79,38 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _stdlib_files(keep: Callable[[tuple[str, ...]], bool], split: str | None,
+                  fractions: tuple[float, float], what: str) -> list[Path]:
+    """Sorted stdlib ``.py`` files whose relative path parts pass ``keep``, for one split (None: all)."""
+    if split is not None:
+        _check_split(split)
+    root = stdlib_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"standard library directory {root} not found; pass explicit data files instead")
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if "site-packages" in rel.parts or "dist-packages" in rel.parts or not keep(rel.parts):
+            continue
+        if split is None or split_of(rel.as_posix(), fractions) == split:
+            files.append(path)
+    if not files:
+        raise FileNotFoundError(f"no {what} files found under {root} for split {split!r}")
+    return files
+
+
+def _is_library_source(parts: tuple[str, ...]) -> bool:
+    if any(part in _STDLIB_EXCLUDED_DIRS for part in parts[:-1]):
+        return False
+    return not (parts[0].startswith(_STDLIB_EXCLUDED_PREFIXES) or parts[-1].startswith(_STDLIB_EXCLUDED_PREFIXES))
+
+
+def _is_test_or_doc(parts: tuple[str, ...]) -> bool:
+    if parts == ("pydoc_data", "topics.py"):
+        return True
+    return any(part in _TEST_DIRS for part in parts[:-1]) and parts[-1] not in _UNREADABLE_TEST_FILES
+
+
 def stdlib_corpus(split: str | None = None, fractions: tuple[float, float] = (0.05, 0.05)) -> list[Path]:
     """Standard-library ``.py`` files of the running interpreter, sorted, for one split.
 
@@ -84,23 +121,30 @@ def stdlib_corpus(split: str | None = None, fractions: tuple[float, float] = (0.
     and stay fixed as long as the interpreter version is the same.
     ``split=None`` returns all files.
     """
-    if split is not None:
-        _check_split(split)
-    root = stdlib_root()
-    if not root.is_dir():
-        raise FileNotFoundError(f"standard library directory {root} not found; pass explicit data files instead")
-    files = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(part in _STDLIB_EXCLUDED_DIRS for part in rel.parts[:-1]):
-            continue
-        if rel.parts[0].startswith(_STDLIB_EXCLUDED_PREFIXES) or rel.name.startswith(_STDLIB_EXCLUDED_PREFIXES):
-            continue
-        if split is None or split_of(rel.as_posix(), fractions) == split:
-            files.append(path)
-    if not files:
-        raise FileNotFoundError(f"no standard-library .py files found under {root} for split {split!r}")
-    return files
+    return _stdlib_files(_is_library_source, split, fractions, "standard-library .py")
+
+
+def stdlib_tests_corpus(split: str | None = None, fractions: tuple[float, float] = (0.05, 0.05)) -> list[Path]:
+    """The text `stdlib_corpus` leaves out: the stdlib's test suites plus the English language reference.
+
+    Files under ``test/``, ``tests/`` and ``idle_test/`` (test code, a different
+    register from library code) and ``pydoc_data/topics.py`` (the prose of the
+    Python reference manual), split by path as in `stdlib_corpus`; no file is in
+    both corpora.  A few deliberately non-UTF-8 test inputs are skipped.  Some
+    distributions ship Python without its test suite (e.g. Debian's
+    ``libpython3.X-testsuite`` package); there this raises FileNotFoundError.
+    """
+    return _stdlib_files(_is_test_or_doc, split, fractions, "standard-library test-suite")
+
+
+CORPORA: dict[str, Callable[..., list[Path]]] = {"stdlib": stdlib_corpus, "stdlib-tests": stdlib_tests_corpus}
+
+
+def corpus_files(name: str, split: str | None = None) -> list[Path]:
+    """Files of the built-in corpus ``name`` (a key of `CORPORA`) for one split (None: all)."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; built-in corpora are {sorted(CORPORA)}, or pass data_files")
+    return CORPORA[name](split)
 
 
 def _read_text(path: Path) -> str:
@@ -243,7 +287,10 @@ class TextDataModule(L.LightningDataModule):
         batch_size: examples per batch.
         data_files: file(s)/directory(ies) of text (``.txt``, ``.py``, ``.md``,
             ``.rst``) or JSON lines (``.jsonl``/``.json``).  ``None`` (and no
-            ``hf_dataset``) uses the standard-library corpus.
+            ``hf_dataset``) uses the built-in corpus named by ``corpus``.
+        corpus: built-in corpus used when neither ``data_files`` nor ``hf_dataset`` is
+            given: ``"stdlib"`` (library source) or ``"stdlib-tests"`` (test suites and
+            the language reference), see `CORPORA`.
         hf_dataset: hub dataset name, e.g. ``"wikitext"``; needs a reachable hub.
         hf_config: hub dataset configuration, e.g. ``"wikitext-2-raw-v1"``.
         hf_split: hub split whose documents are re-split by hash.
@@ -273,6 +320,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         max_documents: int | None = None,
+        corpus: str = "stdlib",
     ) -> None:
         super().__init__()
         if isinstance(tokenizer, str):
@@ -287,12 +335,15 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError("pass either data_files or hf_dataset, not both")
         if streaming and num_workers > 1:
             raise ValueError("streaming reads each split in one pass; use num_workers 0 or 1 with streaming=True")
+        if corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {corpus!r}; built-in corpora are {sorted(CORPORA)}, or pass data_files")
         split_of("", fractions)  # validates the fractions early
         self.tokenizer = tokenizer
         self.block_size, self.batch_size = block_size, batch_size
         self.data_files, self.hf_dataset, self.hf_config, self.hf_split = data_files, hf_dataset, hf_config, hf_split
         self.text_column, self.doc_separator, self.fractions = text_column, doc_separator, fractions
         self.streaming, self.num_workers, self.seed, self.max_documents = streaming, num_workers, seed, max_documents
+        self.corpus = corpus
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.splits: dict[str, Dataset] = {}
 
@@ -301,7 +352,7 @@ class TextDataModule(L.LightningDataModule):
             return self._hub_records()
         if self.data_files is None:
             root = stdlib_root()
-            return ({"text": _read_text(p), "key": p.relative_to(root).as_posix()} for p in stdlib_corpus())
+            return ({"text": _read_text(p), "key": p.relative_to(root).as_posix()} for p in corpus_files(self.corpus))
         return iter_documents(self.data_files, self.text_column, self.doc_separator)
 
     def _hub_records(self) -> Iterator[dict[str, str]]:

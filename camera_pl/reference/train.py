@@ -1,9 +1,10 @@
-"""Train the reference MoE (tokenizer + small Qwen3-MoE) from scratch on the stdlib corpus.
+"""Train a reference MoE (tokenizer + small MoE) from scratch on its built-in corpus.
 
-Run ``python -m camera_pl.reference.train --out DIR``.  Steps:
+Run ``python -m camera_pl.reference.train --model NAME --out DIR`` (NAME: a key of
+`camera_pl.reference.REFERENCE_MODELS`).  Steps:
 
-1. train a byte-level BPE tokenizer on the train split of `stdlib_corpus`;
-2. train a small ``Qwen3MoeForCausalLM`` (router aux loss on) with the
+1. train a byte-level BPE tokenizer on the train split of the model's corpus;
+2. train the model of `reference_config` (router aux loss on) with the
    Lightning Trainer for ``--max-steps`` steps (``--max-minutes`` caps wall time);
 3. measure test perplexity and the add-one-smoothed unigram baseline on the
    same test tokens, and write ``config.json``, ``model.safetensors`` (bf16),
@@ -27,9 +28,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen3MoeConfig
 
-from camera_pl.data import TextDataModule, stdlib_corpus
+from camera_pl.data import TextDataModule, corpus_files
+from camera_pl.reference import DEFAULT_REFERENCE, REFERENCE_MODELS, reference_spec
 from camera_pl.eval.evaluation import perplexity, unigram_perplexity
 
 EOS_TOKEN = "<|endoftext|>"
@@ -53,32 +55,54 @@ def train_tokenizer(files: Sequence[Path], vocab_size: int = 4096) -> PreTrained
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
-def reference_config(tokenizer: PreTrainedTokenizerFast, block_size: int, **overrides: object) -> Qwen3MoeConfig:
-    """Config of the reference model: 4 layers, 16 routed experts, top-2, aux loss on."""
+_COMMON = dict(
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    decoder_sparse_step=1,
+    tie_word_embeddings=True,
+    output_router_logits=True,
+    router_aux_loss_coef=0.01,
+    use_cache=False,
+)
+# Same hidden size, depth and total routed width (2048 channels a layer); they differ in granularity.
+_ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict]] = {
+    "qwen3-moe-16x2": (
+        Qwen3MoeConfig,
+        dict(head_dim=32, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=2, norm_topk_prob=True),
+    ),
+    "qwen2-moe-64x6": (
+        Qwen2MoeConfig,
+        dict(
+            moe_intermediate_size=32,
+            num_experts=64,
+            num_experts_per_tok=6,
+            norm_topk_prob=False,
+            shared_expert_intermediate_size=64,
+        ),
+    ),
+}
+
+
+def reference_config(
+    tokenizer: PreTrainedTokenizerFast, block_size: int, name: str = DEFAULT_REFERENCE, **overrides: object
+) -> PretrainedConfig:
+    """Config of reference model ``name``: 4 layers, hidden 192, aux loss on; experts as the name says."""
+    reference_spec(name)
+    config_cls, arch = _ARCHITECTURES[name]
     params = dict(
+        _COMMON,
+        **arch,
         vocab_size=len(tokenizer),
-        hidden_size=192,
-        intermediate_size=512,
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=16,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
         max_position_embeddings=block_size,
-        tie_word_embeddings=True,
-        output_router_logits=True,
-        router_aux_loss_coef=0.01,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        use_cache=False,
     )
     params.update(overrides)
-    return Qwen3MoeConfig(**params)
+    return config_cls(**params)
 
 
 class CausalLMModule(L.LightningModule):
@@ -91,7 +115,7 @@ class CausalLMModule(L.LightningModule):
 
     def __init__(
         self,
-        model: Qwen3MoeForCausalLM,
+        model: torch.nn.Module,
         lr: float,
         max_steps: int,
         max_seconds: float,
@@ -141,7 +165,7 @@ class CausalLMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def config_summary(config: Qwen3MoeConfig) -> dict[str, int]:
+def config_summary(config: PretrainedConfig) -> dict[str, int]:
     """The architecture figures worth reporting next to the metrics."""
     keys = (
         "vocab_size",
@@ -152,12 +176,13 @@ def config_summary(config: Qwen3MoeConfig) -> dict[str, int]:
         "num_experts",
         "num_experts_per_tok",
         "moe_intermediate_size",
+        "shared_expert_intermediate_size",
         "max_position_embeddings",
     )
-    return {k: getattr(config, k) for k in keys}
+    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
 
 
-def save_bf16(model: Qwen3MoeForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+def save_bf16(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
     """Write config.json, model.safetensors (bf16) and tokenizer files to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     model.config.output_router_logits = False  # the aux loss is for training; batched generate breaks on it
@@ -168,6 +193,7 @@ def save_bf16(model: Qwen3MoeForCausalLM, tokenizer: PreTrainedTokenizerFast, ou
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default=DEFAULT_REFERENCE)
     parser.add_argument("--out", type=Path, required=True, help="output directory for weights and metrics")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=256)
@@ -188,13 +214,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed)
     start = time.time()
-    tokenizer = train_tokenizer(stdlib_corpus("train"), args.vocab_size)
+    corpus = reference_spec(args.model).corpus
+    tokenizer = train_tokenizer(corpus_files(corpus, "train"), args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens in {time.time() - start:.0f}s", flush=True)
 
-    dm = TextDataModule(tokenizer, block_size=args.block_size, batch_size=args.batch_size, seed=args.seed)
+    dm = TextDataModule(
+        tokenizer, block_size=args.block_size, batch_size=args.batch_size, seed=args.seed, corpus=corpus
+    )
     dm.setup()
-    config = reference_config(tokenizer, args.block_size)
-    model = Qwen3MoeForCausalLM(config)
+    config = reference_config(tokenizer, args.block_size, args.model)
+    model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, {len(dm.splits['train'])} train blocks", flush=True)
 
@@ -219,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model.eval()
     save_bf16(model, tokenizer, args.out)
     # Evaluate the bf16 weights as shipped, upcast to float32.
-    shipped = Qwen3MoeForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    shipped = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
     test_loader = dm.test_dataloader()
     metrics = {
         "test_perplexity": perplexity(shipped, test_loader),
