@@ -1,16 +1,19 @@
 """Quality of mixed-precision expert quantization at 2.0 / 2.5 / 3.0 average bits.
 
-For each budget and allocation method (camera, pmq, uniform, matrix, channel) the experts
+For each budget and allocation method (CAMERA-Q with its measured output cost and with the
+proxy cost, pmq, uniform, matrix, channel) the experts
 of a fresh copy of the model are quantized (RTN, and GPTQ with ``--gptq``) and packed;
 the script measures test perplexity, the mean KL divergence of next-token distributions
 from the unquantized model, and the packed routed-expert bytes (scales, zeros and bit maps
 included). Uniform quantization has no 2.5-bit point.
 
-Model: ``camera_pl.reference_model()`` with the stdlib-corpus splits when its weights
-exist; otherwise (or with ``--fallback``) a small byte-level Qwen3-MoE trained by this
-script for ``--steps`` steps on stdlib files. Writes ``benchmarks/results/quant_quality.md``.
+Models: both reference models (``--models``; `camera_pl.reference.REFERENCE_MODELS`: the
+16-expert top-2 Qwen3-MoE and the fine-grained 64-expert top-6 Qwen2-MoE), each on its own
+corpus' validation (calibration) and test splits; with ``--fallback`` a small byte-level
+Qwen3-MoE trained by this script for ``--steps`` steps on stdlib files instead. Writes
+``benchmarks/results/quant_quality_<model>.md`` per model.
 
-Run: ``python benchmarks/quant_quality.py [--gptq] [--fallback] [--batches N] [--steps N]``.
+Run: ``python benchmarks/quant_quality.py [--gptq] [--models NAME ...] [--methods ...] [--budgets ...]``.
 """
 
 from __future__ import annotations
@@ -26,24 +29,26 @@ from camera_pl import collect_stats, moe_layers
 from camera_pl.eval.evaluation import perplexity
 from camera_pl import quantize
 
-BUDGETS = (2.0, 2.5, 3.0)
-METHODS = ("camera", "pmq", "uniform", "matrix", "channel")
-OUT = Path(__file__).parent / "results" / "quant_quality.md"
+BUDGETS = (2.0, 2.25, 2.5, 3.0)
+METHODS = ("camera@output", "camera", "pmq", "uniform", "matrix", "channel")
+"""Bit allocations compared; ``camera@output`` is CAMERA-Q with ``cost="output"`` (``camera``: the proxy cost)."""
+RESULTS = Path(__file__).parent / "results"
 
 
-def reference_setup(batches: int, block: int, weights: str | None):
-    """(model, calibration batches, test batches, description) for the reference model (shipped or at ``weights``)."""
-    from camera_pl import reference_model
+def reference_setup(name: str, batches: int, test_batches: int, block: int):
+    """(model, calibration batches, test batches, description) for reference model ``name``."""
     from camera_pl.data import TextDataModule
+    from camera_pl.reference import reference_model, reference_spec
 
-    model, tokenizer = reference_model() if weights is None else reference_model(weights_dir=weights)
-    data = TextDataModule(tokenizer, block_size=block, batch_size=4, max_documents=200)
+    model, tokenizer = reference_model(name)
+    corpus = reference_spec(name).corpus
+    data = TextDataModule(tokenizer, block_size=block, batch_size=4, max_documents=200, corpus=corpus)
     calib = [b for _, b in zip(range(batches), data.val_dataloader())]
-    test = [b for _, b in zip(range(batches), data.test_dataloader())]
-    return model, calib, test, f"camera_pl reference model ({model.config.model_type}), stdlib corpus"
+    test = [b for _, b in zip(range(test_batches), data.test_dataloader())]
+    return model, calib, test, f"camera_pl reference model {name} ({model.config.model_type}), {corpus} corpus"
 
 
-def byte_setup(batches: int, block: int, steps: int):
+def byte_setup(batches: int, test_batches: int, block: int, steps: int):
     """Fallback when no reference weights exist: a small byte-level Qwen3-MoE trained here for ``steps`` steps."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -78,7 +83,7 @@ def byte_setup(batches: int, block: int, steps: int):
             print(f"  training fallback model: step {step} loss {loss.item():.3f}")
     model.eval()
     calib = [batch(train) for _ in range(batches)]
-    test = [batch(held_out) for _ in range(batches)]
+    test = [batch(held_out) for _ in range(test_batches)]
     return model, calib, test, (f"byte-level Qwen3-MoE (H=128, 2 MoE layers x 16 experts x I=128, top-2) trained "
                                 f"{steps} steps here on stdlib train files; held-out stdlib test files")
 
@@ -97,57 +102,63 @@ def kl_from(base_logits: list[torch.Tensor], model, test) -> float:
     return total / count
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gptq", action="store_true", help="also run GPTQ (slower)")
-    parser.add_argument("--fallback", action="store_true", help="use the byte-level fallback model even if reference "
-                        "weights exist")
-    parser.add_argument("--weights", help="reference weights directory (default: the shipped one)")
-    parser.add_argument("--steps", type=int, default=400, help="training steps of the fallback model")
-    parser.add_argument("--batches", type=int, default=4, help="calibration and test batches (4 blocks each)")
-    parser.add_argument("--block", type=int, default=128, help="tokens per block")
-    args = parser.parse_args()
-    try:
-        if args.fallback:
-            raise FileNotFoundError("--fallback")
-        model, calib, test, what = reference_setup(args.batches, args.block, args.weights)
-    except FileNotFoundError as err:
-        print(f"reference model unavailable ({err}); training the byte-level fallback model")
-        model, calib, test, what = byte_setup(args.batches, args.block, args.steps)
+def run(model, calib, test, what: str, args: argparse.Namespace, out: Path) -> None:
+    """Every method x budget x quantizer on one model; the table is rewritten after each row."""
     stats = collect_stats(model, calib)
     with torch.no_grad():
         base_logits = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in test]
     dense_ppl = perplexity(model, test)
-    dense_bytes = 2 * sum(layer.module.gate_up_proj.numel() + layer.module.down_proj.numel()
-                          for layer in moe_layers(model))
+    dense_bytes = sum(2 * p.numel() for layer in moe_layers(model) for p in layer.experts.module.parameters())
     rows = [("dense (bytes at bf16)", "-", "16", "16/16", f"{dense_ppl:.3f}", "0", str(dense_bytes), "-")]
     print(f"measured on: {what}; calibration {len(calib)} and test {len(test)} batches of {args.block} tokens")
     print(f"dense: ppl {dense_ppl:.3f}")
-    quantizers = ("rtn", "gptq") if args.gptq else ("rtn",)
-    for budget in BUDGETS:
-        for method in METHODS:
-            if method == "uniform" and budget != int(budget):
-                continue
-            for quantizer in quantizers:
-                q = copy.deepcopy(model)
-                start = time.perf_counter()
-                report = quantize(q, stats, method=method, avg_bits=budget, quantizer=quantizer, calib_dataloader=calib)
-                seconds = time.perf_counter() - start
-                ppl, kl = perplexity(q, test), kl_from(base_logits, q, test)
-                rows.append((method, quantizer, f"{budget}", f"{report.avg_bits:.3f}/{report.bits_per_param:.3f}",
-                             f"{ppl:.3f}", f"{kl:.2e}", str(report.expert_bytes), f"{seconds:.1f}"))
-                print(" | ".join(rows[-1]))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     header = ["method", "quantizer", "budget", "avg bits / bits per param", "ppl", "KL vs dense", "expert bytes",
               "quantize s"]
-    lines = [f"# Expert quantization quality\n\nModel: {what}. Calibration: {len(calib)} batches, test: {len(test)} "
-             f"batches of {args.block} tokens. Group size 128 (row length where smaller); routed experts packed; "
-             "shared experts none. `avg bits` = code bits per routed weight; `bits per param` adds float16 scales, "
-             "uint8 zeros and the per-row bit map.\n",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    OUT.write_text("\n".join(lines) + "\n")
-    print(f"wrote {OUT}")
+    intro = (f"# Expert quantization quality\n\nModel: {what}. Calibration: {len(calib)} batches, test: {len(test)} "
+             f"batches of 4 x {args.block} tokens. Group size 128 (row length where smaller); routed experts packed; "
+             "shared experts at the budget rounded half up. `avg bits` = code bits per routed weight; `bits per "
+             "param` adds float16 scales, uint8 zeros and the per-row bit map. One run per row.\n")
+    for budget in args.budgets:
+        for label in args.methods:
+            method, _, cost = label.partition("@")
+            if method == "uniform" and budget != int(budget):
+                continue
+            for quantizer in ("rtn", "gptq") if args.gptq else ("rtn",):
+                q = copy.deepcopy(model)
+                start = time.perf_counter()
+                report = quantize(q, stats, method=method, avg_bits=budget, quantizer=quantizer, calib_dataloader=calib,
+                                  cost=cost or "proxy")
+                seconds = time.perf_counter() - start
+                ppl, kl = perplexity(q, test), kl_from(base_logits, q, test)
+                rows.append((label, quantizer, f"{budget}", f"{report.avg_bits:.3f}/{report.bits_per_param:.3f}",
+                             f"{ppl:.3f}", f"{kl:.2e}", str(report.expert_bytes), f"{seconds:.1f}"))
+                print(" | ".join(rows[-1]), flush=True)
+                lines = [intro, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                out.write_text("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    from camera_pl.reference import REFERENCE_MODELS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gptq", action="store_true", help="also run GPTQ (slower)")
+    parser.add_argument("--models", nargs="+", choices=sorted(REFERENCE_MODELS), default=list(REFERENCE_MODELS))
+    parser.add_argument("--fallback", action="store_true", help="the byte-level fallback model instead")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--steps", type=int, default=400, help="training steps of the fallback model")
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches (4 blocks each)")
+    parser.add_argument("--test-batches", type=int, default=16, help="test batches (4 blocks each)")
+    parser.add_argument("--block", type=int, default=128, help="tokens per block")
+    args = parser.parse_args()
+    if args.fallback:
+        setup = byte_setup(args.batches, args.test_batches, args.block, args.steps)
+        run(*setup, args, RESULTS / "quant_quality_fallback.md")
+        return
+    for name in args.models:
+        run(*reference_setup(name, args.batches, args.test_batches, args.block), args,
+            RESULTS / f"quant_quality_{name}.md")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,9 @@ def _check_data(config: QuantizeConfig, stats, calib_dataloader, allocating: boo
     if allocating and config.needs_stats and stats is None:
         raise ValueError(f"method={config.method!r} needs micro-expert statistics: stats = camera_pl.collect_stats("
                          "model, dataloader) (or MicroExpertStatsCallback.stats).")
-    needs_inputs = allocating and BIT_ALLOCATIONS[config.method].needs_inputs
+    needs_inputs = allocating and config.needs_inputs
     if (config.quantizer == "gptq" or needs_inputs) and calib_dataloader is None:
-        what = "GPTQ Hessians" if config.quantizer == "gptq" else f"{config.method}'s output errors"
+        what = "GPTQ Hessians" if config.quantizer == "gptq" else f"{config.method}'s measured output errors"
         raise ValueError(f"{what} need calibration data: pass calib_dataloader (a re-iterable of dicts with input_ids).")
     if calib_dataloader is not None and iter(calib_dataloader) is calib_dataloader:
         raise ValueError("calib_dataloader is a one-shot iterator, but it is read once per layer; pass a list or "
@@ -178,7 +178,7 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     try:
         for layer in layers:
             inputs = None
-            if config.quantizer == "gptq" or (allocation is None and BIT_ALLOCATIONS[config.method].needs_inputs):
+            if config.quantizer == "gptq" or (allocation is None and config.needs_inputs):
                 inputs = capture_layer_inputs(model, layer, calib_dataloader, config.max_calib_tokens)
             with torch.no_grad():
                 bits = allocation[layer.index] if allocation is not None else \
@@ -198,7 +198,7 @@ def allocate(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     Methods that measure output errors (PMQ) measure them on the unquantized model here (not sequentially).
     """
     config = _resolve(config, options)
-    _check_data(config, stats, calib_dataloader if BIT_ALLOCATIONS[config.method].needs_inputs else [], True)
+    _check_data(config, stats, calib_dataloader if config.needs_inputs else [], True)
     layers = moe_layers(model)
     _check_quantizable(layers, config)
     _check_pmq_budget(layers, config)
@@ -206,7 +206,7 @@ def allocate(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     out = {}
     for layer in layers:
         inputs = None
-        if BIT_ALLOCATIONS[config.method].needs_inputs:
+        if config.needs_inputs:
             inputs = capture_layer_inputs(model, layer, calib_dataloader, config.max_calib_tokens)
         with torch.no_grad():
             out[layer.index] = _allocate(layer, config, stats, scores, energy, inputs)

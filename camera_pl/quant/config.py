@@ -11,6 +11,7 @@ from camera_pl.quant.quantizers import MAX_BITS, MIN_BITS
 from camera_pl.stats.scores import score_methods
 
 QUANTIZERS = ("rtn", "gptq")
+COSTS = ("proxy", "output")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class QuantizeConfig(Config):
         group_size: weights per scale/zero group along each row (the row length where smaller).
         pack: replace the experts by bit-packed ones (else write the dequantized weights back).
         bit_choices: bit-widths the budgeted allocations may use (PMQ uses MC's 1/2/3).
+        cost: what ``method="camera"`` with ``avg_bits`` minimises: ``"proxy"`` (score × relative
+            RTN error of each micro-expert's rows; statistics only) or ``"output"`` (each
+            micro-expert's measured error in the layer output on calibration tokens; needs
+            ``calib_dataloader``, sequential like GPTQ).
         reduce_ratio: the CAMERA score's peak/total energy mix.
         score: the micro-expert importance ``method="camera"`` ranks (rank groups) or weighs (budget)
             by: ``camera`` or another micro-level score of ``camera_pl.score_methods("micro")``, e.g.
@@ -48,6 +53,7 @@ class QuantizeConfig(Config):
     group_size: int = 128
     pack: bool = True
     bit_choices: tuple[int, ...] = DEFAULT_CHOICES
+    cost: str = "proxy"
     reduce_ratio: float = 0.9
     score: str = "camera"
     damp: float = 0.01
@@ -67,6 +73,10 @@ class QuantizeConfig(Config):
                 object.__setattr__(self, name, fixed)
         self._choice("method", BIT_ALLOCATIONS)
         self._choice("quantizer", QUANTIZERS)
+        self._choice("cost", COSTS)
+        if self.cost != "proxy" and (self.method != "camera" or self.avg_bits is None):
+            self._fail("cost", "a measured cost applies to method='camera' with avg_bits (a budget to spend); "
+                               "rank groups and the other methods have their own costs.")
         self._number("group_size", 1, integer=True)
         self._number("avg_bits", optional=True)
         self._number("reduce_ratio", 0.0, 1.0)
@@ -124,6 +134,11 @@ class QuantizeConfig(Config):
         return BIT_ALLOCATIONS[self.method].needs_stats
 
     @property
+    def needs_inputs(self) -> bool:
+        """The bit allocation measures output errors on calibration inputs (PMQ, CAMERA-Q's output cost)."""
+        return BIT_ALLOCATIONS[self.method].needs_inputs or self.cost == "output"
+
+    @property
     def needs_calibration(self) -> bool:
-        """GPTQ Hessians or the method's output errors need calibration batches."""
-        return self.quantizer == "gptq" or BIT_ALLOCATIONS[self.method].needs_inputs
+        """GPTQ Hessians or the allocation's output errors need calibration batches."""
+        return self.quantizer == "gptq" or self.needs_inputs

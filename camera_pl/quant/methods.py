@@ -15,7 +15,7 @@ from camera_pl.arch.adapters import MoELayer
 from camera_pl.experts.base import ExpertWeights
 from camera_pl.quant.allocation import ROW_CHUNK, LayerBits, pmq_bits, rank_groups, row_errors, solve_budget, uniform_bits
 from camera_pl.quant.calibration import LayerInputs
-from camera_pl.quant.quantizers import rtn
+from camera_pl.quant.quantizers import fake_quantized, rtn
 
 PMQ_CHOICES = (1, 2, 3)
 """MC's bit choices for PMQ."""
@@ -29,6 +29,7 @@ class BitOptions(Protocol):
     bit_choices: tuple[int, ...]
     group_size: int
     pmq_exponents: tuple[float, float, float]
+    cost: str
 
 
 @dataclass
@@ -134,16 +135,66 @@ def _bits_for(layer: MoELayer, gate: torch.Tensor, up: torch.Tensor, down: torch
                      present_channels(layer))
 
 
+@torch.no_grad()
+def micro_output_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int, ...],
+                        group_size: int) -> torch.Tensor:
+    """Measured output error of every micro-expert at each bit choice: ``[E, I, K]`` (float64, CPU).
+
+    Micro-expert j of expert e, its gate row, up row and down column RTN-rounded together to
+    ``b`` bits and everything else exact, adds ``Σ_t g_t² ‖d̂_j·â_j(x_t) − d_j·a_j(x_t)‖²`` to the
+    layer output over the calibration tokens t routed to e (``g`` the routing weight); cross
+    terms between micro-experts are left out. Unlike the proxy cost (score × relative weight
+    error) this sees the inputs each row gets and the gating non-linearity: a gate row rounded
+    to 1 bit can open a channel that was nearly shut, an error far above that channel's energy.
+    Micro-experts never routed in calibration cost nothing.
+    """
+    experts = layer.experts
+    if experts.layout.post_norm:
+        raise ValueError(f"MoE layer {layer.index} normalises each expert's output after its down projection, so "
+                         "micro-experts' output errors do not add up; use cost='proxy'.")
+    width = len(choices)
+    cost = torch.zeros(layer.num_experts, layer.intermediate_size, width, dtype=torch.float64)
+    for e in range(layer.num_experts):
+        tok, slot = inputs.routed(e)
+        if tok.numel() == 0:
+            continue
+        x = inputs.hidden[tok].float()
+        g2 = inputs.weights[tok, slot].float().square()[:, None]
+        w = experts.weights(e, torch.float32)
+        a = experts.activation(e, x, w)
+        down_cols = w.down.t()
+        exact = (g2 * a * a).sum(0) * down_cols.square().sum(1)
+        rows = torch.cat([m for m in (w.gate, w.up, down_cols) if m is not None])
+        per_expert = torch.empty(a.shape[1], width, dtype=torch.float64, device=a.device)
+        for k, deq in fake_quantized(rows, choices, group_size):
+            *gate_up, dq = deq.split(a.shape[1])
+            q = ExpertWeights(gate_up[0] if w.gate is not None else None, gate_up[-1], dq.t(),
+                              w.gate_bias, w.up_bias, w.down_bias)
+            aq = experts.activation(e, x, q)
+            err = (dq.square().sum(1) * (g2 * aq * aq).sum(0) - 2 * (dq * down_cols).sum(1) * (g2 * aq * a).sum(0)
+                   + exact)
+            per_expert[:, k] = err.double().clamp_min(0)
+        cost[e, experts.channels(e).cpu()] = per_expert.cpu()
+    return cost
+
+
 @register_bit_allocation("camera")
 def camera_allocation(ctx: AllocationContext) -> LayerBits:
-    """CAMERA-Q: one bit-width per micro-expert, by score-rank groups or under an ``avg_bits`` budget."""
+    """CAMERA-Q: one bit-width per micro-expert, by score-rank groups or under an ``avg_bits`` budget.
+
+    The budget is spent by the cost ``ctx.config.cost`` names: ``proxy`` (score × relative RTN
+    error of the micro-expert's rows, from statistics alone) or ``output`` (its measured output
+    error on calibration tokens, :func:`micro_output_errors`).
+    """
     layer, score, avg_bits = ctx.layer, ctx.score, ctx.config.avg_bits
     groups, choices, group_size = ctx.config.rank_groups, ctx.config.bit_choices, ctx.config.group_size
     if avg_bits is None:
         bits = rank_groups(score.cpu(), groups)
     else:
-        rel = sum(_relative_errors(layer, choices, group_size).values())
-        cost = score.cpu().double()[..., None] * rel
+        if ctx.config.cost == "output":
+            cost = micro_output_errors(layer, ctx.inputs, choices, group_size)
+        else:
+            cost = score.cpu().double()[..., None] * sum(_relative_errors(layer, choices, group_size).values())
         present = present_channels(layer)
         size = torch.ones(score.shape) if present is None else present.double()
         bits = solve_budget(cost.reshape(-1, len(choices)), size.flatten(), choices, avg_bits).reshape(score.shape)

@@ -19,6 +19,7 @@ points are integers (stored as uint8).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -125,27 +126,35 @@ def _grid(w: torch.Tensor, valid: torch.Tensor, bits: torch.Tensor) -> tuple[tor
     return _grid_of(*_ranges(w, valid), bits)
 
 
-def squared_errors(rows: torch.Tensor, choices: tuple[int, ...], group_size: int,
-                   column_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row squared RTN error of ``rows [N, C]`` at each bit choice ``[N, K]`` (float32), optionally
-    weighted per entry by ``column_weight`` (broadcastable to ``rows``).
+def fake_quantized(rows: torch.Tensor, choices: tuple[int, ...], group_size: int
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(k, RTN-dequantized rows)`` for every bit choice ``k`` of ``rows [N, C]`` (float32).
 
-    Bit-identical to ``rtn(rows, b).dequantize() - rows`` squared and summed, but the group
-    ranges are found once for all choices and nothing is expanded to per-entry grids.
+    Bit-identical to ``rtn(rows, choices[k]).dequantize()``, but the group ranges are found
+    once for all choices and nothing is expanded to per-entry grids. Each yielded tensor is
+    a fresh buffer the caller may modify.
     """
     n, length = rows.shape
     gs = effective_group_size(group_size, length)
-    w = rows.detach().float()
-    grouped, valid = _grouped(w, gs)
+    grouped, valid = _grouped(rows.detach().float(), gs)
     ranges = _ranges(grouped, valid)
-    out = torch.empty(n, len(choices), device=rows.device)
     for k, b in enumerate(choices):
         scale, zero = (t[..., None] for t in _grid_of(*ranges, torch.full((n,), b, device=rows.device)))
         if b == 1:
             deq = (grouped >= 0).float().mul_(2).sub_(1).mul_(scale)
         else:  # in place: the same operations as _encode + dequantize, without temporaries
             deq = torch.div(grouped, scale).round_().add_(zero).clamp_(0, 2**b - 1).sub_(zero).mul_(scale)
-        diff = deq.reshape(n, -1)[:, :length].sub(w).square_()
+        yield k, deq.reshape(n, -1)[:, :length]
+
+
+def squared_errors(rows: torch.Tensor, choices: tuple[int, ...], group_size: int,
+                   column_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row squared RTN error of ``rows [N, C]`` at each bit choice ``[N, K]`` (float32), optionally
+    weighted per entry by ``column_weight`` (broadcastable to ``rows``)."""
+    w = rows.detach().float()
+    out = torch.empty(rows.shape[0], len(choices), device=rows.device)
+    for k, deq in fake_quantized(w, choices, group_size):
+        diff = deq.sub(w).square_()
         out[:, k] = (diff if column_weight is None else diff.mul_(column_weight)).sum(1)
     return out
 
