@@ -1,6 +1,6 @@
 """Quality and cost of dynamic expert reduction: full top-k, naive top-k/2, ODP, compressed experts.
 
-Run ``python benchmarks/dynamic_quality.py [--weights DIR]``. On camera_pl's reference model
+Run ``python benchmarks/dynamic_quality.py [--model NAME] [--weights DIR]``. On camera_pl's reference model
 (``camera_pl.reference.reference_model``, stdlib-corpus data from ``camera_pl.data``) when its
 weights exist, else on a tiny random ``qwen3_moe`` with random tokens (then only the cost
 columns mean anything). Rows:
@@ -48,21 +48,21 @@ def load_setup(args: argparse.Namespace) -> tuple[nn.Module, list[dict], list[di
     """``(model, train batches, test batches, description)``: the reference model if present, else a tiny one."""
     try:
         from camera_pl.data import TextDataModule
-        from camera_pl.reference import WEIGHTS_DIR, reference_model
+        from camera_pl.reference import reference_model, reference_spec
 
-        weights = args.weights or WEIGHTS_DIR
-        model, tokenizer = reference_model(torch.float32, weights)
+        model, tokenizer = reference_model(args.model, torch.float32, args.weights)
     except (ImportError, FileNotFoundError) as err:
         print(f"reference model unavailable ({err}); falling back to a tiny random qwen3_moe on random tokens")
         return tiny_setup(args)
+    corpus = reference_spec(args.model).corpus
     dm = TextDataModule(tokenizer, block_size=args.block_size, batch_size=args.batch_size,
-                        max_documents=args.max_documents)
+                        max_documents=args.max_documents, corpus=corpus)
     dm.setup("fit")
     dm.setup("test")
     train = [b for _, b in zip(range(args.finetune_steps + args.calib_batches), dm.train_dataloader())]
     test = [b for _, b in zip(range(args.eval_batches), dm.test_dataloader())]
-    source = "camera_pl's shipped reference model" if args.weights is None else f"reference weights {weights}"
-    return model, train, test, f"{source} (stdlib-corpus test split, {args.max_documents} documents per split)"
+    source = f"camera_pl's reference model {args.model}" + ("" if args.weights is None else f" from {args.weights}")
+    return model, train, test, f"{source} ({corpus}-corpus test split, {args.max_documents} documents per split)"
 
 
 def tiny_setup(args: argparse.Namespace) -> tuple[nn.Module, list[dict], list[dict], str]:
@@ -121,6 +121,7 @@ def finetune(model: nn.Module, batches: list[dict], lr: float) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-moe-16x2", help="reference model name (camera_pl.reference)")
     parser.add_argument("--weights", type=Path, default=None, help="reference weights directory (default: shipped)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -1,4 +1,4 @@
-"""Models and tokenizers by name: ``"reference"``, a directory written by ``camera_pl.save`` or
+"""Models and tokenizers by name: ``"reference"`` (or a reference model's name, e.g. ``"qwen2-moe-64x6"``), a directory written by ``camera_pl.save`` or
 ``save_pretrained``, or a hub name — what recipes, ``CausalLMModule`` and ``TextDataModule`` accept,
 so a YAML file (a recipe or a LightningCLI config) can name a model instead of building it."""
 
@@ -19,10 +19,11 @@ def load_pretrained(name: str, dtype: str | torch.dtype = "float32",
                     log: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
     """Model and tokenizer named ``name``; camera_pl directories (``camera_pl.json``) go through ``camera_pl.load``."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if name == "reference":
+    reference = _reference_name(name)
+    if reference is not None:
         from camera_pl.reference import reference_model
 
-        return reference_model(dtype=dtype)
+        return reference_model(reference, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
     path = Path(name).expanduser()
@@ -44,14 +45,22 @@ def load_pretrained(name: str, dtype: str | torch.dtype = "float32",
     return _checked(model, load_tokenizer(name), name)
 
 
+def _reference_name(name: str) -> str | None:
+    """The reference model ``name`` stands for (``"reference"``: the default one), or None."""
+    from camera_pl.reference import DEFAULT_REFERENCE, REFERENCE_MODELS
+
+    return DEFAULT_REFERENCE if name == "reference" else name if name in REFERENCE_MODELS else None
+
+
 def load_tokenizer(name: str) -> Any:
     """The tokenizer of the model named ``name`` (see :func:`load_pretrained`)."""
     from transformers import AutoTokenizer
 
-    if name == "reference":
-        from camera_pl.reference import WEIGHTS_DIR
+    reference = _reference_name(name)
+    if reference is not None:
+        from camera_pl.reference import reference_spec
 
-        return AutoTokenizer.from_pretrained(WEIGHTS_DIR, local_files_only=True)
+        return AutoTokenizer.from_pretrained(reference_spec(reference).weights_dir, local_files_only=True)
     path = Path(name).expanduser()
     try:
         return AutoTokenizer.from_pretrained(path if path.is_dir() else name)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from camera_pl.data import IGNORE_INDEX, TextDataModule, pack_blocks, split_of, stdlib_corpus, stdlib_root
+from camera_pl.data import (IGNORE_INDEX, TextDataModule, corpus_files, pack_blocks, split_of, stdlib_corpus,
+                            stdlib_root, stdlib_tests_corpus)
 
 
 FRACTIONS = (0.2, 0.2)  # small corpora need larger held-out shares
@@ -46,6 +47,25 @@ def test_stdlib_corpus_splits_disjoint_complete_and_clean() -> None:
     for path in stdlib_corpus():
         parts = path.relative_to(stdlib_root()).parts
         assert "site-packages" not in parts and "test" not in parts and "tests" not in parts
+
+
+def test_stdlib_tests_corpus_is_other_text_with_disjoint_splits() -> None:
+    library = set(stdlib_corpus())
+    splits = {s: set(stdlib_tests_corpus(s)) for s in ("train", "validation", "test")}
+    every = set(stdlib_tests_corpus())
+    assert set().union(*splits.values()) == every and not (library & every)
+    assert not (splits["train"] & splits["test"] or splits["validation"] & splits["test"])
+    assert stdlib_root() / "pydoc_data" / "topics.py" in every
+    for path in every:  # all of it reads as UTF-8, so TextDataModule never trips on a file
+        path.read_text(encoding="utf-8")
+    assert corpus_files("stdlib-tests", "test") == stdlib_tests_corpus("test")
+
+
+def test_unknown_corpus_is_named(tokenizer) -> None:
+    with pytest.raises(ValueError, match="built-in corpora are"):
+        corpus_files("wiki")
+    with pytest.raises(ValueError, match="built-in corpora are"):
+        TextDataModule(tokenizer, corpus="stdlib-test")
 
 
 def test_stdlib_corpus_rejects_unknown_split() -> None:

@@ -230,5 +230,22 @@ def test_reference_model_beats_unigram() -> None:
 def test_reference_model_reports_missing_weights(tmp_path) -> None:
     from camera_pl.reference import reference_model
 
-    with pytest.raises(FileNotFoundError, match="camera_pl.reference.train"):
-        reference_model(weights_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="camera_pl.reference.train --model qwen2-moe-64x6"):
+        reference_model("qwen2-moe-64x6", weights_dir=tmp_path)
+    with pytest.raises(ValueError, match="choose one of"):
+        reference_model("qwen3-moe")
+    with pytest.raises(ValueError, match="choose one of"):
+        reference_model(torch.float32)  # the name comes first
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-16x2", "qwen2-moe-64x6"])
+def test_each_reference_model_loads_with_its_own_corpus(name) -> None:
+    from camera_pl.data import TextDataModule
+    from camera_pl.reference import REFERENCE_MODELS, reference_model
+
+    if not (REFERENCE_MODELS[name].weights_dir / "model.safetensors").is_file():
+        pytest.skip(f"reference weights of {name} not trained yet")
+    model, tok = reference_model(name)
+    dm = TextDataModule(tok, block_size=128, batch_size=4, max_documents=20, corpus=REFERENCE_MODELS[name].corpus)
+    test = list(dm.test_dataloader())[:2]
+    assert perplexity(model, test) < 0.2 * unigram_perplexity(dm.train_dataloader(), test, len(tok))

@@ -1,7 +1,8 @@
-"""Evaluate the shipped reference model: test perplexity, unigram baseline, zero-shot tasks.
+"""Evaluate a shipped reference model: test perplexity, unigram baseline, zero-shot tasks.
 
-Run ``python -m camera_pl.reference.evaluate [--weights DIR]``.  It rebuilds the
-stdlib test split and the held-out multiple-choice tasks (`camera_pl.eval.tasks`),
+Run ``python -m camera_pl.reference.evaluate [--model NAME] [--weights DIR]``.  It rebuilds
+the test split of the model's corpus and the held-out multiple-choice tasks from it
+(`camera_pl.eval.tasks`),
 prints the figures as JSON and stores them under ``"evaluation"`` in
 ``DIR/metrics.json``.
 """
@@ -17,18 +18,19 @@ from pathlib import Path
 
 import torch
 
-from camera_pl.data import TextDataModule
+from camera_pl.data import TextDataModule, corpus_files
 from camera_pl.eval.evaluation import load_task, multiple_choice, perplexity, unigram_perplexity
-from camera_pl.reference import WEIGHTS_DIR, reference_model
+from camera_pl.reference import DEFAULT_REFERENCE, REFERENCE_MODELS, reference_model, reference_spec
 from camera_pl.reference.train import config_summary
 from camera_pl.eval.tasks import build_tasks
 
 
-def evaluate(weights_dir: Path, block_size: int, batch_size: int, n_examples: int) -> dict:
-    """Figures of the model in ``weights_dir`` (run in float32 from the bf16 weights)."""
+def evaluate(name: str, weights_dir: Path | None, block_size: int, batch_size: int, n_examples: int) -> dict:
+    """Figures of reference model ``name`` (from ``weights_dir`` if given; run in float32 from the bf16 weights)."""
     start = time.time()
-    model, tokenizer = reference_model(torch.float32, weights_dir)
-    dm = TextDataModule(tokenizer, block_size=block_size, batch_size=batch_size)
+    model, tokenizer = reference_model(name, torch.float32, weights_dir)
+    corpus = reference_spec(name).corpus
+    dm = TextDataModule(tokenizer, block_size=block_size, batch_size=batch_size, corpus=corpus)
     dm.setup()
     figures: dict = {
         "test_perplexity": perplexity(model, dm.test_dataloader()),
@@ -37,7 +39,7 @@ def evaluate(weights_dir: Path, block_size: int, batch_size: int, n_examples: in
         "block_size": block_size,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path in build_tasks(tmp, n=n_examples).items():
+        for name, path in build_tasks(tmp, corpus_files(corpus, "test"), n=n_examples).items():
             figures[name] = multiple_choice(model, tokenizer, load_task(path), batch_size=batch_size)
     figures["chance_accuracy"] = 0.25
     figures["model_config"] = config_summary(model.config)
@@ -47,15 +49,16 @@ def evaluate(weights_dir: Path, block_size: int, batch_size: int, n_examples: in
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="directory written by the train script")
+    parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default=DEFAULT_REFERENCE)
+    parser.add_argument("--weights", type=Path, help="directory written by the train script (default: the shipped one)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--examples", type=int, default=400, help="examples per multiple-choice task (at most)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    figures = evaluate(args.weights, args.block_size, args.batch_size, args.examples)
-    metrics_path = args.weights / "metrics.json"
+    figures = evaluate(args.model, args.weights, args.block_size, args.batch_size, args.examples)
+    metrics_path = (args.weights or reference_spec(args.model).weights_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics["evaluation"] = figures
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
