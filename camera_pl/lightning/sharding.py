@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 
 from camera_pl.arch.adapters import decoder_layers
@@ -48,7 +49,7 @@ def is_sharded(model: nn.Module) -> bool:
     return is_fsdp1(model) or is_fsdp2(model)
 
 
-def shard_model(model: nn.Module, mesh, **options) -> nn.Module:
+def shard_model(model: nn.Module, mesh: DeviceMesh, **options) -> nn.Module:
     """FSDP2: ``fully_shard`` each decoder layer, then ``model`` (embeddings, norm, head); ``options`` go to both."""
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, **options)
