@@ -131,8 +131,17 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> None:
 
 
 def save(model: nn.Module, path: str | Path) -> Path:
-    """Write ``model`` (compressed or not) to directory ``path``; see :func:`load`."""
+    """Write ``model`` (compressed or not) to directory ``path``; see :func:`load`.
+
+    A sharded (FSDP) model: every rank must call it; the full state is gathered one parameter at a
+    time onto rank 0's CPU and rank 0 writes the directory.
+    """
+    from camera_pl.lightning.sharding import full_state_dict, global_rank, is_sharded
+
     path = Path(path)
+    state = full_state_dict(model) if is_sharded(model) else model.state_dict()
+    if global_rank() != 0 and is_sharded(model):
+        return path
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
     structure = describe_structure(model)
@@ -143,7 +152,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
         _add_loader(path, type(model.config).__name__)
     tensors = {}
     seen: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         key = tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
         if tensor.numel() and hash(key) in seen:  # tied weights (e.g. embeddings) are stored once
             continue

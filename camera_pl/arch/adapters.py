@@ -275,7 +275,8 @@ class MoELayer:
             w = experts.weights(e)
             samples += [w.up[:2], w.down[:2]]
         for t in samples:
-            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            # a copy: numpy sharing a weight's storage would pin it (FSDP2 frees gathered weights by resizing storage)
+            digest.update(t.detach().to("cpu", torch.float32, copy=True).numpy().tobytes())
         return digest.hexdigest()[:16]
 
 
@@ -328,7 +329,9 @@ def model_signature(model: nn.Module, fingerprint: bool = True) -> dict:
     """What a compatible model must match: architecture, per-layer shapes and kept widths, and (unless
     ``fingerprint=False``, for checks that do not compare weights) a weight fingerprint."""
     layers = moe_layers(model)
-    out = {"model_type": model.config.model_type, "model_class": type(model).__name__,
+    cls = type(model)
+    cls = cls.__mro__[getattr(cls, "_orig_cls_mro_index", 0)]  # FSDP2's fully_shard subclasses the model's class
+    out = {"model_type": model.config.model_type, "model_class": cls.__name__,
            "layers": [layer.signature() for layer in layers]}
     if fingerprint:
         out["fingerprint"] = [layer.fingerprint() for layer in layers]

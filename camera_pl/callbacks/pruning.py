@@ -9,8 +9,8 @@ import torch
 
 from camera_pl.callbacks.stats import latest_stats
 from camera_pl.config import ConfigError
-from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, calibration_data, find_moe_model,
-                                           log_event, structure_changed)
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, calibration_data, changing_structure,
+                                           find_moe_model, log_event, structure_changed)
 from camera_pl.pruning.api import PruneReport, prune
 from camera_pl.pruning.config import PruneConfig
 from camera_pl.stats.container import collect_stats
@@ -75,9 +75,9 @@ class CameraPruning(ChangesStructure):
             " Or add a MicroExpertStatsCallback to the Trainer, with a validation before the pruning epoch.")
         calib = calibration_data(trainer, self.calib_dataloader, "CameraPruning", hint) if needs_data or stats is None \
             else self.calib_dataloader
-        if stats is None and not needs_data:  # no usable statistics from a MicroExpertStatsCallback: collect them
-            stats = collect_stats(model, calib, max_tokens=config.max_tokens, **config.collect_kwargs())
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), changing_structure(trainer, pl_module):
+            if stats is None and not needs_data:  # no usable statistics from a MicroExpertStatsCallback: collect them
+                stats = collect_stats(model, calib, max_tokens=config.max_tokens, **config.collect_kwargs())
             report = prune(model, stats, config, calib_dataloader=calib)
         self.reports.append(report)
         self.current_ratio = float(ratio)

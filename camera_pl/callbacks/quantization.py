@@ -27,8 +27,8 @@ import torch
 
 from camera_pl.callbacks.stats import latest_stats
 from camera_pl.config import ConfigError
-from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, calibration_data, find_moe_model,
-                                           log_event, structure_changed)
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, calibration_data, changing_structure,
+                                           find_moe_model, log_event, structure_changed)
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.api import QuantReport, allocate, quantize
 from camera_pl.quant.config import QuantizeConfig
@@ -101,7 +101,7 @@ class CameraQuantization(ChangesStructure):
 
     def _start_fake_quant(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = find_moe_model(pl_module)
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), changing_structure(trainer, pl_module):
             self.allocation = allocate(model, self._stats(trainer), self.config,
                                        calib_dataloader=self._calibration(trainer))
             fake_quantize(model, self.allocation, self.config.group_size)
@@ -111,10 +111,10 @@ class CameraQuantization(ChangesStructure):
 
     def _pack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = find_moe_model(pl_module)
-        self.allocation = fake_allocation(model) if self.phase == "fake" else None  # also after a resume
-        end_fake_quantization(model)
-        stats = None if self.allocation is not None else self._stats(trainer)
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), changing_structure(trainer, pl_module):
+            self.allocation = fake_allocation(model) if self.phase == "fake" else None  # also after a resume
+            end_fake_quantization(model)
+            stats = None if self.allocation is not None else self._stats(trainer)
             self.report = quantize(model, stats, self.config, calib_dataloader=self._calibration(trainer),
                                    allocation=self.allocation)
         self.phase = "packed"

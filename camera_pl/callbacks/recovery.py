@@ -6,8 +6,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 
-from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, CompressionListener, log_event,
-                                           structure_changed)
+from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, CompressionListener, changing_structure,
+                                           log_event, structure_changed)
 from camera_pl.lora import LoRAConfig, adaptable_experts, add_lora, merge_lora
 
 
@@ -62,7 +62,8 @@ class LoRARecovery(ChangesStructure, CompressionListener):
             rank_zero_warn("LoRARecovery: the experts are quantized or compressed and cannot be adapted; adapting "
                            "attention only.")
             config = LoRAConfig.build(config, experts=False)
-        pl_module.model = add_lora(model, config)
+        with changing_structure(trainer, pl_module):
+            pl_module.model = add_lora(model, config)
         structure_changed(trainer, pl_module)
         self._set_lr(trainer)
         self._active_since = trainer.global_step
@@ -83,7 +84,8 @@ class LoRARecovery(ChangesStructure, CompressionListener):
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.config.merge:
-            pl_module.model = merge_lora(pl_module.model)
+            with changing_structure(trainer, pl_module):
+                pl_module.model = merge_lora(pl_module.model)
         self._active_since = None
         self.recoveries += 1
         structure_changed(trainer, pl_module)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
+from functools import partial
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from camera_pl.arch.adapters import moe_layers
+from camera_pl.lightning.sharding import gathered
 from camera_pl.lightning.structure import find_moe_model
 from camera_pl.stats.observation import Observation, StatsAccumulator, observe
 from camera_pl.stats.container import MicroExpertStats
@@ -19,9 +21,10 @@ class MicroExpertStatsCallback(pl.Callback):
     """Collects :class:`MicroExpertStats` during validation.
 
     Every ``every_n_epochs``-th validation run (sanity checks excluded) is observed, up to
-    ``max_tokens`` unpadded tokens; at its end the statistics are reduced across DDP ranks
-    (torchmetrics ``sum``/``max``) and published as :attr:`stats` for other callbacks. They
-    are saved in and restored from Lightning checkpoints.
+    ``max_tokens`` unpadded tokens; at its end the statistics are reduced across DDP/FSDP ranks
+    (torchmetrics ``sum``/``max``; the weight norms of a sharded model read one gathered layer at a
+    time) and published as :attr:`stats` for other callbacks. They are saved in and restored from
+    Lightning checkpoints.
 
     Validation batches must be dicts with ``input_ids`` and optional ``attention_mask``.
     """
@@ -79,7 +82,8 @@ class MicroExpertStatsCallback(pl.Callback):
         if self._stack is None:
             return
         self._stop_observing()
-        stats = MicroExpertStats.from_accumulator(self._accumulator, self._model, meta={"epoch": trainer.current_epoch})
+        stats = MicroExpertStats.from_accumulator(self._accumulator, self._model, meta={"epoch": trainer.current_epoch},
+                                                  gather=partial(gathered, pl_module))
         if stats.tokens == 0:
             raise ValueError("MicroExpertStatsCallback saw no tokens: the validation dataloader is empty or all padding.")
         self.stats, self.stats_epoch = stats, trainer.current_epoch

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from camera_pl.labels import IGNORE_INDEX, causal_labels
-from camera_pl.lightning.structure import restore_structure
+from camera_pl.lightning.sharding import ShardingError, is_fsdp2, is_sharded, shard_model
+from camera_pl.lightning.structure import LORA_KEY, STRUCTURE_KEY, restore_structure
 from camera_pl.pretrained import load_pretrained
+from camera_pl.serialization import describe_structure
 
 
 class CausalLMModule(pl.LightningModule):
@@ -59,8 +61,22 @@ class CausalLMModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)
         return loss
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (a device mesh is set): shard the model with FSDP2, each decoder layer
+        then the whole, unless it is sharded already; camera_pl's callbacks call it again after a compression."""
+        if self.device_mesh is not None and not is_fsdp2(self.model):
+            shard_model(self.model, self.device_mesh["data_parallel"])
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the compressed structure recorded by camera_pl's callbacks before Lightning loads the weights."""
+        if is_sharded(self.model):
+            if checkpoint.get(STRUCTURE_KEY, describe_structure(self.model)) != describe_structure(self.model) \
+                    or LORA_KEY in checkpoint:
+                raise ShardingError("This checkpoint holds a compressed model; a sharded (FSDP) fit cannot resume "
+                                    "from it (the model is sharded before the checkpoint is read). Save the model "
+                                    "with camera_pl.save and start a new fit from that directory "
+                                    "(CausalLMModule(model='DIR')), or resume without FSDP.")
+            return
         self.model = restore_structure(self.model, checkpoint)
 
     def configure_optimizers(self) -> Any:

@@ -14,6 +14,11 @@ once for all of them:
 * the compression is published as a :class:`CompressionEvent` to every callback that is a
   :class:`CompressionListener` (e.g. :class:`~camera_pl.callbacks.LoRARecovery`).
 
+Sharded models (FSDP2, Lightning's ``ModelParallelStrategy``): the compression runs inside
+:func:`changing_structure`, which unshards the model before and has the LightningModule's
+``configure_model`` shard it again after; optimizer state follows parameters by name. FSDP1
+(``FSDPStrategy``) models cannot change structure (see :mod:`camera_pl.lightning.sharding`).
+
 Checkpoints: compressing callbacks record the structure with :func:`record_structure` in
 ``on_save_checkpoint``; the LightningModule calls :func:`restore_structure` in its
 ``on_load_checkpoint`` (``CausalLMModule`` does), which Lightning runs before loading weights.
@@ -21,8 +26,9 @@ Checkpoints: compressing callbacks record the structure with :func:`record_struc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from camera_pl.arch.adapters import UnsupportedModelError, architecture_spec, moe_layers
+from camera_pl.lightning.sharding import ShardingError, is_fsdp2, is_sharded, unshard_model
 from camera_pl.serialization import apply_structure, describe_structure
 
 STRUCTURE_KEY = "camera_pl_structure"
@@ -83,6 +90,32 @@ def structure_changed(trainer: pl.Trainer, pl_module: pl.LightningModule, event:
         for callback in trainer.callbacks:
             if isinstance(callback, CompressionListener):
                 callback.on_compression(trainer, pl_module, event)
+
+
+@contextmanager
+def changing_structure(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Wrap a change of structure: a sharded model is unsharded for the block, then sharded again.
+
+    The model is sharded again by ``pl_module.configure_model()`` (``CausalLMModule``'s shards with
+    FSDP2); optimizer state moves to the new parameters of the same name and shape, ready for
+    :func:`structure_changed`. A no-op for unsharded (single-device, DDP) models.
+    """
+    if not is_sharded(pl_module):
+        yield
+        return
+    before = dict(pl_module.named_parameters())
+    unshard_model(pl_module)
+    yield
+    pl_module.configure_model()
+    if not is_fsdp2(pl_module):
+        raise ShardingError(f"{type(pl_module).__name__}.configure_model() did not shard the model again after a "
+                            "compression; shard it there whenever it is not sharded (see CausalLMModule).")
+    for name, new in pl_module.named_parameters():
+        old = before.get(name)
+        if old is not None and old.shape == new.shape:
+            for optimizer in trainer.strategy.optimizers:
+                if old in optimizer.state:
+                    optimizer.state[new] = optimizer.state.pop(old)
 
 
 def log_event(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

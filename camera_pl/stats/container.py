@@ -9,9 +9,10 @@ gate/up row norms) so scores can be computed without the model; pass ``model=`` 
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -121,19 +122,27 @@ class MicroExpertStats:
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
-    def from_accumulator(cls, acc: StatsAccumulator, model: nn.Module, meta: Mapping | None = None) -> "MicroExpertStats":
-        """Read (and, under DDP, sync) an accumulator into a stats object for ``model``."""
+    def from_accumulator(cls, acc: StatsAccumulator, model: nn.Module, meta: Mapping | None = None,
+                         gather: Callable[[nn.Module], AbstractContextManager] | None = None) -> "MicroExpertStats":
+        """Read (and, under DDP/FSDP, sync) an accumulator into a stats object for ``model``.
+
+        ``gather(experts_module)`` makes one layer's full weights readable for its weight norms (for
+        sharded models, :func:`camera_pl.lightning.sharding.gathered`); by default they are read as they are.
+        """
         states = acc.compute()
-        layers = {}
+        layers, fingerprints = {}, []
         for layer in moe_layers(model):
             entry = {name: states[f"l{layer.index}_{name}"] for name in acc.layer_names(layer.index)}
             if layer.index in acc.heapr_modes:
                 entry["heapr_tokens"] = states["tokens"].clone()
-            entry.update(weight_norms(layer))
-            entry.update(heapr_quadratic(layer, entry))
+            with (gather or nullcontext)(layer.block):
+                entry.update(weight_norms(layer))
+                entry.update(heapr_quadratic(layer, entry))
+                fingerprints.append(layer.fingerprint())
             check_finite(layer.index, entry)
             layers[layer.index] = entry
-        return cls(model_signature(model), layers, int(states["tokens"].item()), dict(meta or {}))
+        signature = {**model_signature(model, fingerprint=False), "fingerprint": fingerprints}
+        return cls(signature, layers, int(states["tokens"].item()), dict(meta or {}))
 
     # ---- queries ----------------------------------------------------------------------
     def check_compatible(self, model: nn.Module, same_weights: bool = False) -> None:
