@@ -32,6 +32,13 @@ class LoRAConfig(Config):
         steps: training batches of one recovery.
         lr: learning rate of the adapters (None: the LightningModule's).
         merge: fold the adapters into the weights when the recovery ends.
+        distill: knowledge distillation (:mod:`camera_pl.distill`): train on
+            ``kd_alpha · KL(teacher ‖ student) + (1 − kd_alpha) · LM loss`` instead of the LM loss. The
+            teacher is a frozen copy of the model before compression (``LoRARecovery`` takes it when
+            the fit starts; a recipe from its loaded model) or the one given as ``teacher=``; it
+            costs one more copy of the uncompressed weights in memory and a teacher forward per step.
+        kd_temperature: the softmax temperature ``T > 0`` of both distributions (the KL is scaled by ``T²``).
+        kd_alpha: weight in [0, 1] of the KD term (1: KD only; 0: the LM loss alone).
     """
 
     rank: int = 8
@@ -43,6 +50,9 @@ class LoRAConfig(Config):
     steps: int = 100
     lr: float | None = None
     merge: bool = True
+    distill: bool = False
+    kd_temperature: float = 1.0
+    kd_alpha: float = 1.0
 
     def check(self) -> None:
         for name in ("attention_targets", "extra_targets"):
@@ -55,6 +65,12 @@ class LoRAConfig(Config):
         self._number("lr", 0.0, low_open=True, optional=True)
         self._flag("experts")
         self._flag("merge")
+        self._flag("distill")
+        self._number("kd_temperature", 0.0, low_open=True)
+        self._number("kd_alpha", 0.0, 1.0)
+        for option, default in (("kd_temperature", 1.0), ("kd_alpha", 1.0)):
+            if not self.distill and getattr(self, option) != default:
+                self._fail(option, "applies to knowledge distillation only; set distill=True.")
 
 
 LoRASettings = LoRAConfig

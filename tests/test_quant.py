@@ -226,31 +226,6 @@ def test_explicit_weights_match_stored_weights():
     torch.testing.assert_close(experts.output(2, experts.activation(2, x, w), w), experts.output(2, experts.activation(2, x)))
 
 
-def test_compressed_tensors_export_of_uniform_allocation(tmp_path, stats_of):
-    from safetensors.torch import load_file
-
-    from camera_pl.quant.export import ExportError, export_compressed_tensors
-    from camera_pl.experts.quantized import unpack_codes
-
-    model = tiny_moe("qwen3_moe")
-    quantize(model, stats_of("qwen3_moe"), method="matrix", avg_bits=2.5, bit_choices=(2, 3, 4), group_size=16)
-    out = export_compressed_tensors(model, tmp_path / "ct")
-    tensors = load_file(str(out / "model.safetensors"))
-    layer = moe_layers(model)[0]
-    name = "model.layers.0.mlp.experts.3.down_proj"
-    rows, cols = tensors[f"{name}.weight_shape"].tolist()
-    first = sum(layer.module.rows_per_expert("down")[:3])
-    bits = int(layer.module.down_bits[first])
-    codes = unpack_codes(tensors[f"{name}.weight_packed"].view(torch.uint8), bits, cols).float() - (1 << (bits - 1))
-    scale = tensors[f"{name}.weight_scale"].float().repeat_interleave(16, 1)
-    zero = tensors[f"{name}.weight_zero_point"].float().repeat_interleave(16, 1)
-    torch.testing.assert_close((codes - zero) * scale, layer.experts.weights(3).down)
-    camera = tiny_moe("qwen3_moe")
-    quantize(camera, stats_of("qwen3_moe"), group_size=16)
-    with pytest.raises(ExportError, match="micro-expert columns"):
-        export_compressed_tensors(camera, tmp_path / "bad")
-
-
 def _both_paths(model, monkeypatch, run):
     """``run(model)`` through the grouped dequantized path and through the per-expert loop."""
     layers = moe_layers(model)

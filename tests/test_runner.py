@@ -237,3 +237,40 @@ def test_checkpoints_hold_the_tokenizer(tmp_path, shared_data):
     got = run_recipe(evaluation, tmp_path / "eval", log=lambda line: None).metrics
     assert got[0]["perplexity"] == pytest.approx(want[0]["perplexity"], rel=1e-6)
     assert got[0]["next_line_acc"] == want[0]["next_line_acc"] and got[0]["params"] == want[0]["params"]
+
+
+def test_kd_recover_step_distils_from_the_recipes_model(tmp_path, monkeypatch, shared_data):
+    import torch
+
+    from camera_pl import reference_model
+    from camera_pl.lightning import finetune
+
+    teachers = []
+    real = finetune.recover
+
+    def spy(model, batches, config, **options):
+        teachers.append((options["teacher"], model))
+        return real(model, batches, config, **options)
+
+    monkeypatch.setattr(finetune, "recover", spy)
+    recipe = _recipe(INTERRUPTIBLE.split("steps:")[0] + """steps:
+  - prune: {ratio: 0.4}
+  - recover: {steps: 1, lr: 0.01, rank: 2, distill: true, kd_temperature: 2.0, kd_alpha: 0.5}
+""")
+    run_recipe(recipe, tmp_path / "run", log=lambda line: None)
+    (teacher, student), = teachers
+    dense, _ = reference_model()
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(input_ids=ids).logits, dense(input_ids=ids).logits)
+        assert not torch.allclose(student(input_ids=ids).logits, dense(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("options,match", [("distill: true, kd_temperature: 0", "kd_temperature=0: must lie in"),
+                                           ("distill: true, kd_alpha: 1.5", "kd_alpha=1.5: must lie in"),
+                                           ("kd_alpha: 0.5", "kd_alpha=0.5: applies to knowledge distillation only")])
+def test_bad_kd_recover_steps_are_refused(tmp_path, options, match):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: x\nsteps:\n  - recover: {{{options}}}\n")
+    with pytest.raises(SystemExit, match=f"bad.yaml:3: 'recover': RecoverStep.{match}"):
+        main(["run", str(bad)])

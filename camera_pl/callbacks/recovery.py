@@ -5,7 +5,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
+from torch import nn
 
+from camera_pl.config import ConfigError
+from camera_pl.distill import Distillation, check_teacher, frozen_copy
 from camera_pl.lightning.structure import (ChangesStructure, CompressionEvent, CompressionListener, changing_structure,
                                            log_event, structure_changed)
 from camera_pl.lora import LoRAConfig, adaptable_experts, add_lora, merge_lora
@@ -22,16 +25,49 @@ class LoRARecovery(ChangesStructure, CompressionListener):
     schedule continuing (never restarted); ``config.lr`` rescales the adapters' learning rate.
     After quantization the packed experts cannot be adapted: attention only, with a warning.
 
+    With ``distill=True`` every recovery minimises the KD loss of :mod:`camera_pl.distill` (the
+    LightningModule must have a ``distillation`` attribute, as ``CausalLMModule`` has) against
+    ``teacher``, or else against a frozen copy of the model taken in ``setup``: before any
+    callback's ``on_fit_start``/epoch hooks can compress it (and, when resuming, before the
+    checkpoint's compressed structure is restored). The copy stays on the model's device and
+    costs one more set of uncompressed weights.
+
     Args:
         config: a :class:`LoRAConfig`; its fields may also be given as keywords.
-        start_now: start one recovery at the first training epoch (a stand-alone recovery fit).
+        start_now: start one recovery at the first training epoch (a stand-alone recovery fit;
+            in KD mode it needs ``teacher``, as the model is already compressed).
+        teacher: the KD teacher (``distill=True`` only; put in eval mode and frozen in place); default: a copy of
+            the model as the fit starts.
     """
 
-    def __init__(self, config: LoRAConfig | None = None, start_now: bool = False, **options):
+    def __init__(self, config: LoRAConfig | None = None, start_now: bool = False, teacher: nn.Module | None = None,
+                 **options):
         self.config = LoRAConfig.build(config, **options)
+        if teacher is not None and not self.config.distill:
+            raise ConfigError("LoRARecovery: a teacher was given but distill=False; set distill=True to distil "
+                              "from it.")
+        if self.config.distill and teacher is None and start_now:
+            raise ConfigError("LoRARecovery(start_now=True, distill=True) recovers an already compressed model, so "
+                              "it cannot copy the teacher itself: pass teacher=<the model before compression> "
+                              "(camera_pl.distill.frozen_copy(model) taken before pruning/quantizing).")
         self.start_now = start_now
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self._active_since: int | None = None
         self.recoveries = 0
+
+    # ---- the KD teacher ---------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.config.distill:
+            return
+        if not hasattr(pl_module, "distillation"):
+            raise TypeError(f"LoRARecovery(distill=True) sets the KD loss through `pl_module.distillation`, which "
+                            f"{type(pl_module).__name__} lacks; use camera_pl.CausalLMModule or give your module "
+                            "that attribute and its training_step the Distillation loss.")
+        model = getattr(pl_module, "model", None)
+        if self.teacher is None and stage == "fit" and model is not None:
+            self.teacher = frozen_copy(model)
+        if self.teacher is not None and model is not None:
+            check_teacher(self.teacher, model)
 
     # ---- when ---------------------------------------------------------------------------------
     def on_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent) -> None:
@@ -64,6 +100,9 @@ class LoRARecovery(ChangesStructure, CompressionListener):
             config = LoRAConfig.build(config, experts=False)
         with changing_structure(trainer, pl_module):
             pl_module.model = add_lora(model, config)
+        if config.distill:
+            self.teacher.to(pl_module.device)
+            pl_module.distillation = Distillation(self.teacher, config.kd_temperature, config.kd_alpha)
         structure_changed(trainer, pl_module)
         self._set_lr(trainer)
         self._active_since = trainer.global_step
@@ -86,6 +125,8 @@ class LoRARecovery(ChangesStructure, CompressionListener):
         if self.config.merge:
             with changing_structure(trainer, pl_module):
                 pl_module.model = merge_lora(pl_module.model)
+        if self.config.distill:
+            pl_module.distillation = None
         self._active_since = None
         self.recoveries += 1
         structure_changed(trainer, pl_module)

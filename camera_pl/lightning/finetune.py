@@ -71,15 +71,16 @@ def finetune(model: nn.Module, train_batches: Iterable, steps: int, lr: float = 
 
 def recover(model: nn.Module, train_dataloader: Iterable, config: LoRAConfig | int | None = None, *,
             val_dataloader: Iterable | None = None, accelerator: str = "auto", progress: bool = False,
-            **options) -> nn.Module:
+            teacher: nn.Module | None = None, **options) -> nn.Module:
     """Stand-alone LoRA recovery: a short Lightning fit of ``config.steps`` batches; returns the (merged) model.
 
     ``config`` is a :class:`~camera_pl.lora.LoRAConfig` (or its ``steps``); ``options`` are its
-    fields. Without ``lr`` the adapters train at 1e-3.
+    fields. Without ``lr`` the adapters train at 1e-3. With ``distill=True``, ``teacher`` is the
+    model before compression (e.g. ``camera_pl.distill.frozen_copy(model)`` taken before pruning).
     """
     if isinstance(config, int) and not isinstance(config, bool):
         config, options = None, {"steps": config, **options}
     config = LoRAConfig.build(config, **options)
-    callback = LoRARecovery(config, start_now=True)
+    callback = LoRARecovery(config, start_now=True, teacher=teacher)
     return finetune(model, train_dataloader, config.steps, config.lr or 1e-3, accelerator, [callback], val_dataloader,
                     progress)

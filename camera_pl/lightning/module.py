@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from camera_pl.distill import Distillation
 from camera_pl.labels import IGNORE_INDEX, causal_labels
 from camera_pl.lightning.sharding import ShardingError, is_fsdp2, is_sharded, shard_model
 from camera_pl.lightning.structure import LORA_KEY, STRUCTURE_KEY, restore_structure
@@ -21,6 +22,10 @@ class CausalLMModule(pl.LightningModule):
     Batches are dicts with ``input_ids``, optional ``attention_mask`` and optional ``labels``
     (default: ``input_ids`` with padding set to -100). The MoE router auxiliary loss is
     added when the model returns one (``output_router_logits=True`` in its config).
+
+    While ``distillation`` (a :class:`~camera_pl.distill.Distillation`, set by
+    :class:`~camera_pl.callbacks.LoRARecovery` in KD mode) is set, training steps minimise its
+    loss (logged as ``train/kd`` besides ``train/loss``); validation keeps the LM loss.
 
     ``model`` is a module, or a name :func:`~camera_pl.pretrained.load_pretrained` resolves
     (``"reference"``, a saved directory, a hub name) loaded in ``dtype``, so that a LightningCLI
@@ -36,19 +41,28 @@ class CausalLMModule(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.distillation: Distillation | None = None  # a plain attribute: the teacher is no submodule
 
     @staticmethod
     def _labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         labels = batch.get("labels")
         return causal_labels(batch["input_ids"], batch.get("attention_mask")) if labels is None else labels
 
+    def _forward(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> Any:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
+                          use_cache=False)
+
     def _loss(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         labels=self._labels(batch) if labels is None else labels, use_cache=False)
-        return out.loss
+        return self._forward(batch, self._labels(batch) if labels is None else labels).loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        if self.distillation is None:
+            loss = self._loss(batch)
+        else:
+            labels = self._labels(batch)
+            out = self._forward(batch, labels)
+            loss, kd = self.distillation.loss(batch, labels, out.logits, out.loss)
+            self.log("train/kd", kd, prog_bar=True)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

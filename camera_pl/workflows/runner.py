@@ -37,6 +37,7 @@ import torch
 import yaml
 from torch import nn
 
+from camera_pl.distill import frozen_copy
 from camera_pl.pretrained import ModelNotFoundError, load_pretrained
 from camera_pl.workflows.recipe import Recipe, StatsStep, StepSpec
 
@@ -61,6 +62,7 @@ class RunContext:
     metrics: list[dict] = field(default_factory=list)
     log: Callable[[str], None] = print
     saved_stats: Any = field(default=None, repr=False)  # the statistics state.json records (the run loop's)
+    teacher: nn.Module | None = field(default=None, repr=False)  # the recipe's model, frozen, for KD recover steps
 
     def loader(self, split: str, batches: int | None):
         source = {"train": self.datamodule.train_dataloader, "validation": self.datamodule.val_dataloader,
@@ -128,7 +130,7 @@ def step_recover(ctx: RunContext, step) -> None:
     from camera_pl.lightning.finetune import recover
 
     ctx.model = recover(ctx.model, ctx.loader("train", step.steps), step, accelerator=ctx.recipe.accelerator,
-                        progress=True)
+                        progress=True, teacher=ctx.teacher if step.distill else None)
 
 
 def step_finetune(ctx: RunContext, step) -> None:
@@ -411,6 +413,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: C
         raise ValueError(f"{run_dir} was started with a different recipe; resume with the same recipe and --set values.")
     torch.manual_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model, log)  # before anything is written: a bad name leaves no run dir
+    distills = any(kind == "recover" and step.distill for kind, step in recipe.steps)
+    teacher = frozen_copy(model) if distills else None  # the model before any step, also when resuming
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict()))
@@ -423,7 +427,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: C
         log(f"resuming after step {state['done']} from the recipe's model")
     device = "cuda" if recipe.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     model = model.to(device)
-    ctx = RunContext(recipe, run_dir, model, tokenizer, build_datamodule(recipe.data, tokenizer), log=log)
+    ctx = RunContext(recipe, run_dir, model, tokenizer, build_datamodule(recipe.data, tokenizer), log=log,
+                     teacher=None if teacher is None else teacher.to(device))
     if resuming and (run_dir / "metrics.json").exists():
         ctx.metrics = json.loads((run_dir / "metrics.json").read_text())
     if state["done"]:
