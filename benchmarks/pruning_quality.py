@@ -5,7 +5,8 @@ fine-grained 64-expert top-6 one, each with its own corpus' splits), statistics 
 collected once on the dense model (validation split), with the
 gradient pass HEAPr needs (``--heapr-mode``, default ``auto``: the full curvature at this size); each
 method prunes a fresh copy at 20/40/60% and is scored on the held-out test split:
-perplexity, the two multiple-choice tasks (next_line, docstring_match; accuracy) and the
+perplexity, the two offline multiple-choice tasks (next_line, docstring_match; accuracy, scored
+by lm-eval through camera_pl.evaluate) and the
 median CPU forward latency of one evaluation batch, all measured in this one run. Micro-
 level methods remove floor(ratio x micro-experts) per layer; expert-level methods remove
 round(ratio x E) experts per layer — the table lists the expert parameters each removed,
@@ -25,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from camera_pl import collect_stats, prune
-from camera_pl.data import TextDataModule, corpus_files
-from camera_pl.eval.evaluation import multiple_choice, perplexity
+from camera_pl import collect_stats, evaluate as evaluate_tasks, prune
+from camera_pl.data import TextDataModule
+from camera_pl.eval.evaluation import perplexity
 from camera_pl.reference import REFERENCE_MODELS, reference_model, reference_spec
-from camera_pl.eval.tasks import build_examples
 
 METHODS = [  # (label, method, allocation)
     ("CAMERA-P layer", "camera", "layer"),
@@ -45,6 +45,7 @@ METHODS = [  # (label, method, allocation)
     ("EAN", "ean", "layer"),
     ("NAEE", "naee", "layer"),
 ]
+TASKS = ["next_line", "docstring_match"]  # camera_pl's offline tasks, scored by lm-eval
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -60,9 +61,10 @@ def latency(model, batch, repeats: int = 3) -> float:
 
 
 def evaluate(model, tokenizer, test, tasks, batch) -> dict[str, float]:
+    """``tasks``: keywords of camera_pl.evaluate (limit, corpus) for the offline tasks."""
     row = {"ppl": perplexity(model, test)}
-    for name, examples in tasks.items():
-        row[name] = multiple_choice(model, tokenizer, examples)["acc"]
+    for name, metrics in evaluate_tasks(model, tokenizer, TASKS, **tasks).items():
+        row[name] = metrics["acc"]
     row["ms"] = 1e3 * latency(model, batch)
     row["expert_params"] = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
     return row
@@ -77,8 +79,7 @@ def run(name: str, args: argparse.Namespace) -> None:
     dm.setup()
     calib = [b for _, b in zip(range(args.calib_batches), dm.val_dataloader())]
     test = [b for _, b in zip(range(args.eval_batches), dm.test_dataloader())]
-    files = corpus_files(corpus, "test")
-    tasks = {t: build_examples(t, files, n=args.examples) for t in ("next_line", "docstring_match")}
+    tasks = {"limit": args.examples, "corpus": corpus}  # tasks from the test split of the model's own corpus
     timing_batch = {k: v for k, v in test[0].items() if k != "labels"}
     stats = collect_stats(dense, calib, heapr_mode=args.heapr_mode)
     base = evaluate(dense, tokenizer, test, tasks, timing_batch)

@@ -34,6 +34,7 @@ __all__ = [
     "apply_odp",
     "compress_experts",
     "ConfigError",
+    "evaluate",
     "LoRAConfig",
     "recover",
     "PruneConfig",
@@ -62,7 +63,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The reference model pulls in tokenizers and weights, recover() Lightning: load them only when asked for.
+    # The reference model pulls in tokenizers and weights, recover() Lightning, evaluate() lm-eval and the
+    # task builders: load them only when asked for.
     if name == "reference_model":
         from camera_pl.reference import reference_model
 
@@ -71,4 +73,8 @@ def __getattr__(name: str):
         from camera_pl.lightning.finetune import recover
 
         return recover
+    if name == "evaluate":
+        from camera_pl.eval.harness import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'camera_pl' has no attribute {name!r}")

@@ -1,29 +1,17 @@
-"""Tests of camera_pl.eval.evaluation and camera_pl.eval.tasks on tiny models."""
+"""Tests of camera_pl.eval.evaluation (perplexity) and camera_pl.eval.tasks on tiny models."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from camera_pl.eval.evaluation import (
-    EvaluationCallback,
-    MCExample,
-    TokenPerplexity,
-    continuation_loglikelihoods,
-    load_task,
-    multiple_choice,
-    perplexity,
-    unigram_perplexity,
-    write_task,
-)
-from camera_pl.eval.tasks import TASKS, build_examples, build_tasks
+from camera_pl.eval.evaluation import TokenPerplexity, perplexity, unigram_perplexity
+from camera_pl.eval.tasks import TASKS, MCExample, build_examples, build_tasks, write_task
 
 IGNORE = -100
 
@@ -51,18 +39,6 @@ def _tiny_moe(tokenizer: PreTrainedTokenizerFast) -> Qwen3MoeForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
     )
     return Qwen3MoeForCausalLM(config).eval()
-
-
-class UnigramLM(nn.Module):
-    """Context-free LM: every position predicts the fixed distribution ``log_probs``."""
-
-    def __init__(self, log_probs: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = nn.Parameter(log_probs.clone())
-        self.config = type("Config", (), {"max_position_embeddings": 128})()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return type("Out", (), {"logits": self.logits.expand(*input_ids.shape, -1)})()
 
 
 def _batches(vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -110,44 +86,14 @@ def test_unigram_perplexity_by_hand() -> None:
     assert unigram_perplexity(train, test, 3) == pytest.approx(expected)
 
 
-def test_continuation_loglikelihoods_match_unbatched(tiny_moe, tokenizer) -> None:
-    requests = [("def f(x):", " return x"), ("a", "bc"), ("import os\nprint(", "os.sep)")]
-    got = continuation_loglikelihoods(tiny_moe, tokenizer, requests, batch_size=2)
-    for (ctx, cont), value in zip(requests, got):
-        ctx_ids = [tokenizer.eos_token_id] + tokenizer(ctx, add_special_tokens=False)["input_ids"]
-        cont_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([ctx_ids + cont_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(tiny_moe(input_ids=ids).logits[0], -1)
-        expected = sum(float(logp[len(ctx_ids) + j - 1, t]) for j, t in enumerate(cont_ids))
-        assert value == pytest.approx(expected, abs=1e-4)
-
-
-def test_multiple_choice_acc_and_acc_norm(tokenizer) -> None:
-    log_probs = torch.full((len(tokenizer),), -30.0)
-    x, y, z = (tokenizer.convert_tokens_to_ids(c) for c in "xyz")
-    log_probs[x], log_probs[y], log_probs[z] = -2.0, -1.0, -5.0
-    model = UnigramLM(log_probs)
-    # Sum: "x" (-2) beats "yyyy" (-4); per byte: "yyyy" (-1) beats "x" (-2). "z" loses both.
-    examples = [MCExample("ctx", ("z", "x", "yyyy"), 1), MCExample("ctx", ("yyyy", "z", "x"), 0)]
-    assert multiple_choice(model, tokenizer, examples, batch_size=2) == {"acc": 0.5, "acc_norm": 0.5, "n": 2.0}
-    only_x = [MCExample("anything", ("z", "x"), 1)] * 3
-    assert multiple_choice(model, tokenizer, only_x)["acc"] == 1.0
-
-
-def test_mc_example_and_task_file_validation(tmp_path) -> None:
+def test_mc_example_validation_and_task_file(tmp_path) -> None:
     with pytest.raises(ValueError, match="out of range"):
         MCExample("c", ("a", "b"), 2)
     with pytest.raises(ValueError, match="at least 2"):
         MCExample("c", ("a",), 0)
-    path = write_task(tmp_path / "t.jsonl", [MCExample("c", ("a", "b"), 1)])
-    assert load_task(path) == [MCExample("c", ("a", "b"), 1)]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"context": "c", "choices": ["a", "b"]}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1 is not a valid task row"):
-        load_task(bad)
-    with pytest.raises(FileNotFoundError, match="build_tasks"):
-        load_task(tmp_path / "missing.jsonl")
+    path = write_task(tmp_path / "t.jsonl", [MCExample("c\n", ("a", "b"), 1)])
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"context": "c\n", "choices": ["a", "b"], "label": 1}]
 
 
 def _source_files(tmp_path: Path) -> list[Path]:
@@ -172,44 +118,11 @@ def test_build_tasks_deterministic_and_well_formed(tmp_path) -> None:
             assert len(e.choices) == 4 and len({c.strip() for c in e.choices}) == 4
         assert len({e.label for e in first}) > 1
     paths = build_tasks(tmp_path / "tasks", files, n=5)
-    assert set(paths) == set(TASKS) and all(len(load_task(p)) == 5 for p in paths.values())
+    assert set(paths) == set(TASKS) and all(len(p.read_text().splitlines()) == 5 for p in paths.values())
     example = build_examples("docstring_match", files, n=1)[0]
     assert example.context.endswith('"""') and example.choices[example.label].startswith("Compute value")
     with pytest.raises(ValueError, match="unknown task"):
         build_examples("nope", files)
-
-
-class _Wrapper(L.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        return self.model(**batch).loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self.model(**batch).loss)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
-
-
-def test_evaluation_callback_logs_metrics(tokenizer) -> None:
-    model = _tiny_moe(tokenizer).train()
-    batches = _batches(model.config.vocab_size)
-    tasks = {"toy": [MCExample("ab", ("c", "d"), 0)]}
-    callback = EvaluationCallback(batches=batches, tasks=tasks, tokenizer=tokenizer)
-    trainer = L.Trainer(
-        max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[callback], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-    )
-    loader = DataLoader(batches[:1], batch_size=None)
-    trainer.fit(_Wrapper(model), train_dataloaders=loader, val_dataloaders=loader)
-    metrics = trainer.callback_metrics
-    assert {"eval/perplexity", "eval/toy/acc", "eval/toy/acc_norm"} <= set(metrics)
-    assert float(metrics["eval/perplexity"]) > 1.0
-    with pytest.raises(ValueError, match="no tokenizer"):
-        EvaluationCallback(tasks=tasks)
 
 
 def test_reference_model_beats_unigram() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from camera_pl import moe_layers
-from camera_pl.callbacks import CameraPruning, LoRARecovery
+from camera_pl.callbacks import CameraPruning, EvaluationCallback, LoRARecovery
 from camera_pl.callbacks.quantization import CameraQuantization
 from camera_pl.experts.quantized import QuantizedExperts
 from camera_pl.lightning.cli import main
@@ -44,3 +44,21 @@ def test_misspelt_callback_option_is_named(capsys):
         main(["fit", "--config", str(EXAMPLES / "gradual_prune.yaml"), *QUICK,
               "--trainer.callbacks+=camera_pl.callbacks.LoRARecovery", "--trainer.callbacks.rnak=2"])
     assert "rnak" in capsys.readouterr().err
+
+
+def test_evaluation_callback_from_yaml(tmp_path):
+    """The callback configured in YAML takes its tokenizer from the datamodule and logs through the Trainer."""
+    config = tmp_path / "eval.yaml"
+    config.write_text("""
+trainer:
+  max_epochs: 1
+  callbacks:
+    - class_path: camera_pl.callbacks.EvaluationCallback
+      init_args: {tasks: [next_line], limit: 4}
+model: {model: reference}
+data: {tokenizer: reference}
+""")
+    cli = main(["fit", "--config", str(config), *QUICK, "--trainer.default_root_dir", str(tmp_path)])
+    evaluation = callback(cli, EvaluationCallback)
+    assert evaluation.results[0]["next_line"]["n"] == 4
+    assert float(cli.trainer.callback_metrics["eval/next_line/acc"]) == evaluation.results[0]["next_line"]["acc"]

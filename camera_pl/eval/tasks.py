@@ -10,22 +10,51 @@ has never seen the files they quote.
 * ``docstring_match``: given a function's ``def`` header up to its opening
   triple quote, pick the first line of its own docstring among 4; distractors
   are docstring first lines of functions in other files.
+
+`write_task` stores them as JSON lines, which ``camera_pl.evaluate`` hands to
+lm-evaluation-harness (task definition: ``lm_eval_tasks/offline_mc.yaml``).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from camera_pl.data import stdlib_corpus
-from camera_pl.eval.evaluation import MCExample, write_task
 
 TASKS = ("next_line", "docstring_match")
 NUM_CHOICES = 4
+DEFAULT_EXAMPLES = 400  # items per task unless asked otherwise (docstring_match has fewer)
 CONTEXT_LINES = 6
 MIN_LINE_CHARS = 12
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice item: the model scores ``context + choices[i]`` for each i."""
+
+    context: str
+    choices: tuple[str, ...]
+    label: int
+
+    def __post_init__(self) -> None:
+        if len(self.choices) < 2 or not all(isinstance(c, str) and c for c in self.choices):
+            raise ValueError(f"need at least 2 non-empty string choices, got {self.choices!r}")
+        if not 0 <= self.label < len(self.choices):
+            raise ValueError(f"label {self.label} is out of range for {len(self.choices)} choices")
+
+
+def write_task(path: str | Path, examples: Sequence[MCExample]) -> Path:
+    """Write examples as JSON lines (``context``, ``choices``, ``label``), the format lm-eval reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = (json.dumps({"context": e.context, "choices": list(e.choices), "label": e.label}) for e in examples)
+    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def _candidates_next_line(source: str) -> list[tuple[str, str]]:
@@ -67,7 +96,7 @@ def _reindent(line: str, like: str) -> str:
     return like[: len(like) - len(like.lstrip())] + line.lstrip()
 
 
-def build_examples(task: str, files: Sequence[Path], n: int = 400, seed: int = 0) -> list[MCExample]:
+def build_examples(task: str, files: Sequence[Path], n: int = DEFAULT_EXAMPLES, seed: int = 0) -> list[MCExample]:
     """Up to ``n`` examples of ``task`` from ``files``, drawn evenly across files with a fixed seed."""
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -102,7 +131,7 @@ def build_examples(task: str, files: Sequence[Path], n: int = 400, seed: int = 0
 
 
 def build_tasks(
-    out_dir: str | Path, files: Sequence[Path] | None = None, n: int = 400, seed: int = 0
+    out_dir: str | Path, files: Sequence[Path] | None = None, n: int = DEFAULT_EXAMPLES, seed: int = 0
 ) -> dict[str, Path]:
     """Write every task in `TASKS` as ``out_dir/<task>.jsonl``; files default to the stdlib test split."""
     files = stdlib_corpus("test") if files is None else files

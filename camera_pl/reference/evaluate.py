@@ -1,9 +1,9 @@
 """Evaluate a shipped reference model: test perplexity, unigram baseline, zero-shot tasks.
 
 Run ``python -m camera_pl.reference.evaluate [--model NAME] [--weights DIR]``.  It rebuilds
-the test split of the model's corpus and the held-out multiple-choice tasks from it
-(`camera_pl.eval.tasks`),
-prints the figures as JSON and stores them under ``"evaluation"`` in
+the test split of the model's corpus, scores the held-out multiple-choice tasks built from it
+(`camera_pl.eval.tasks`) with lm-evaluation-harness (`camera_pl.evaluate`; needs the ``eval``
+extra), prints the figures as JSON and stores them under ``"evaluation"`` in
 ``DIR/metrics.json``.
 """
 
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from camera_pl.data import TextDataModule, corpus_files
-from camera_pl.eval.evaluation import load_task, multiple_choice, perplexity, unigram_perplexity
+from camera_pl.data import TextDataModule
+from camera_pl.eval.evaluation import perplexity, unigram_perplexity
+from camera_pl.eval.harness import OFFLINE_TASKS, evaluate as evaluate_tasks
 from camera_pl.reference import DEFAULT_REFERENCE, REFERENCE_MODELS, reference_model, reference_spec
 from camera_pl.reference.train import config_summary
-from camera_pl.eval.tasks import build_tasks
 
 
 def evaluate(name: str, weights_dir: Path | None, block_size: int, batch_size: int, n_examples: int) -> dict:
@@ -38,9 +37,8 @@ def evaluate(name: str, weights_dir: Path | None, block_size: int, batch_size: i
         "test_blocks": len(dm.splits["test"]),
         "block_size": block_size,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, path in build_tasks(tmp, corpus_files(corpus, "test"), n=n_examples).items():
-            figures[name] = multiple_choice(model, tokenizer, load_task(path), batch_size=batch_size)
+    figures.update(evaluate_tasks(model, tokenizer, OFFLINE_TASKS, limit=n_examples, batch_size=batch_size,
+                                  corpus=corpus))
     figures["chance_accuracy"] = 0.25
     figures["model_config"] = config_summary(model.config)
     figures["eval_wall_minutes"] = round((time.time() - start) / 60, 2)

@@ -49,8 +49,9 @@ def _table(metrics: list[dict]) -> str:
     rows = [{**row, "MiB": row["bytes"] / 2**20 if "bytes" in row else None,
              "time x first": row["eval_seconds"] / base if base and row.get("eval_seconds") else None}
             for row in metrics]
+    accuracies = dict.fromkeys(k for row in rows for k in row if k.endswith("_acc"))  # one column per task
     formats = {"params": "{:,.0f}", "expert_params": "{:,.0f}", "MiB": "{:.1f}", "perplexity": "{:.3f}",
-               "next_line_acc": "{:.3f}", "docstring_match_acc": "{:.3f}", "time x first": "{:.2f}"}
+               **{k: "{:.3f}" for k in accuracies}, "time x first": "{:.2f}"}
     cols = [c for c in formats if any(row.get(c) is not None for row in rows)]
     lines = ["| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:

@@ -152,10 +152,26 @@ class QuantizeStep(StepSpec, QuantizeConfig):
 @declares(changes_model=False, checkpoint=False, installs_hooks=False)
 @dataclass
 class EvaluateStep(StepSpec):
+    """Test perplexity and the accuracies of lm-eval ``tasks`` (offline ones, or lm-eval's; see ``camera_pl.evaluate``)
+    on their first ``examples`` items."""
+
     label: str = ""
     perplexity: bool = True
     tasks: list[str] = field(default_factory=lambda: ["next_line", "docstring_match"])
     examples: int = 100
+
+    def __post_init__(self) -> None:
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 1:
+            raise ConfigError(f"evaluate.examples={self.examples!r}: must be a positive integer.")
+        if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ConfigError(f"evaluate.tasks={self.tasks!r}: must be a list of task names, e.g. [next_line, arc_easy].")
+        if self.tasks:
+            from camera_pl.eval.harness import require_lm_eval
+
+            try:
+                require_lm_eval()
+            except ImportError as err:
+                raise ConfigError(f"evaluate.tasks={self.tasks!r}: {err} Or set tasks: [] for perplexity only.") from None
 
 
 @declares(changes_model=False, checkpoint=False, installs_hooks=False)

@@ -167,7 +167,7 @@ def step_quantize(ctx: RunContext, step) -> None:
 
 
 def step_evaluate(ctx: RunContext, step) -> None:
-    from camera_pl.eval.evaluation import multiple_choice, perplexity
+    from camera_pl.eval.evaluation import perplexity
 
     row: dict[str, Any] = {"label": step.label or f"step{len(ctx.metrics)}", **model_size(ctx.model)}
     if step.perplexity:
@@ -175,12 +175,13 @@ def step_evaluate(ctx: RunContext, step) -> None:
         row["perplexity"] = perplexity(ctx.model, ctx.loader("test", ctx.recipe.data.eval_batches))
         row["eval_seconds"] = time.perf_counter() - start  # the forward passes over the test batches
     if step.tasks:
-        from camera_pl.data import stdlib_corpus
-        from camera_pl.eval.tasks import build_examples
+        from camera_pl.eval.harness import evaluate
 
-        for task in step.tasks:
-            examples = build_examples(task, stdlib_corpus("test"), n=step.examples)
-            row[f"{task}_acc"] = multiple_choice(ctx.model, ctx.tokenizer, examples)["acc"]
+        for task, metrics in evaluate(ctx.model, ctx.tokenizer, step.tasks, limit=step.examples).items():
+            # accuracy where the task has one (multiple choice), else its own metrics (e.g. exact_match)
+            shown = {"acc": metrics["acc"]} if "acc" in metrics else {
+                k: v for k, v in metrics.items() if k != "n" and not k.endswith("_stderr")}
+            row.update({f"{task}_{metric}": value for metric, value in shown.items()})
     ctx.metrics.append(row)
     ctx.log("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
