@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from camera_pl.data import stdlib_corpus
-
 TASKS = ("next_line", "docstring_match")
 NUM_CHOICES = 4
 DEFAULT_EXAMPLES = 400  # items per task unless asked otherwise (docstring_match has fewer)
@@ -128,11 +126,3 @@ def build_examples(task: str, files: Sequence[Path], n: int = DEFAULT_EXAMPLES, 
             choices = distractors[:label] + [answer] + distractors[label:]
             examples.append(MCExample(context, tuple(choices), label))
     return examples
-
-
-def build_tasks(
-    out_dir: str | Path, files: Sequence[Path] | None = None, n: int = DEFAULT_EXAMPLES, seed: int = 0
-) -> dict[str, Path]:
-    """Write every task in `TASKS` as ``out_dir/<task>.jsonl``; files default to the stdlib test split."""
-    files = stdlib_corpus("test") if files is None else files
-    return {task: write_task(Path(out_dir) / f"{task}.jsonl", build_examples(task, files, n, seed)) for task in TASKS}
