@@ -169,10 +169,15 @@ class LayerStep:
 
         ``before_batch(mask)`` is called before each batch with its ``[B, S]`` boolean token mask on the
         execution device (to declare it to observers). Hooks may raise ``stop`` to cut a batch's forward
-        short (calibration captures); the outputs are then not kept.
+        short (calibration captures); the outputs are then not kept. Runs without gradients.
         """
         if stop is not None and keep_outputs:
             raise ValueError("A forward that hooks may stop has no outputs to keep; pass keep_outputs=False.")
+        with torch.no_grad():
+            self._run(keep_outputs, before_batch, stop)
+
+    def _run(self, keep_outputs: bool, before_batch: Callable[[torch.Tensor], None] | None,
+             stop: type[Exception] | None) -> None:
         device, cache = self._offload.device, self._offload.cache
         for batch in self._batches:
             memo: dict[int, Any] = {}

@@ -125,6 +125,9 @@ def test_cache_holds_each_layers_own_arguments():
     masks = [kwargs["attention_mask"] for _, kwargs in batch.calls]
     assert len(masks) == len(decoder_layers(model)) and not torch.equal(masks[0], masks[1])
     assert run.tokens == 3 * 24
+    for step in run:  # the parameters require gradients; the layer-by-layer forward builds no graph
+        step.run()
+        assert not batch.hidden.requires_grad
 
 
 def test_bad_offload_inputs():
@@ -142,3 +145,18 @@ def test_bad_offload_inputs():
     decoder_layers(model)[0].to("meta")  # as accelerate's offload hooks or init_empty_weights leave weights
     with pytest.raises(ValueError, match="meta device"):
         collect_stats(model, BATCHES, offload="cpu")
+
+
+def test_recipe_offload_section(tmp_path):
+    from pathlib import Path
+
+    from camera_pl.workflows.recipe import RecipeError, load_recipe, parse_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "offload_compress.yaml")
+    assert recipe.offload == OffloadConfig(execution_device="auto", cache_device="cpu")
+    assert parse_recipe(recipe.to_dict()).offload == recipe.offload
+    assert "offload" not in load_recipe(Path(__file__).parent.parent / "recipes" / "mc_pmq.yaml").to_dict()
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\noffload: {execution_device: gpu0}\nsteps:\n  - save: {}\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:2: 'offload': OffloadConfig.execution_device='gpu0'"):
+        load_recipe(path)

@@ -95,8 +95,7 @@ def capture_step_inputs(step: LayerStep) -> LayerInputs:
     capture = _Capture()
     undo = step.moe.watch_experts_input(capture)
     try:
-        with torch.no_grad():
-            step.run(keep_outputs=False, before_batch=lambda mask: setattr(capture, "mask", mask), stop=_Captured)
+        step.run(keep_outputs=False, before_batch=lambda mask: setattr(capture, "mask", mask), stop=_Captured)
     finally:
         undo()
     return capture.inputs()
