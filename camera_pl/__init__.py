@@ -12,6 +12,7 @@ from camera_pl.arch.blocks import topk_gate_route
 from camera_pl.expert_compression import CompressedExpertsConfig, compress_experts
 from camera_pl.experts.compressed import CompressedExperts
 from camera_pl.odp import OdpConfig, OdpHandle, apply_odp
+from camera_pl.offload import OffloadConfig
 from camera_pl.config import ConfigError
 from camera_pl.lora import LoRAConfig
 from camera_pl.pruning.api import PruneReport, prune
@@ -29,6 +30,7 @@ __all__ = [
     "CompressedExperts",
     "CompressedExpertsConfig",
     "OdpConfig",
+    "OffloadConfig",
     "QuantizeConfig",
     "OdpHandle",
     "apply_odp",

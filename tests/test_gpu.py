@@ -86,3 +86,27 @@ def test_bf16_cuda_ragged_buckets_run_grouped_and_match_the_loop(arch, monkeypat
         monkeypatch.setattr(RaggedExperts, "grouped_weights", lambda self, x: None)
         loop = model(**batch).logits.float()
     torch.testing.assert_close(grouped, loop, rtol=0.05, atol=0.1)
+
+
+def test_offloaded_layer_by_layer_matches_in_memory_cuda():
+    """CPU-resident weights, one decoder layer at a time on CUDA: the in-memory CUDA results, weights stay home."""
+    import copy
+
+    from camera_pl import quantize
+
+    home = tiny_moe("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[])
+    resident = copy.deepcopy(home).cuda()
+    batches = [make_batch(0), make_batch(1)]
+    want = collect_stats(resident, [{k: v.cuda() for k, v in b.items()} for b in batches])
+    got = collect_stats(home, batches, offload="cuda")  # peak memory: benchmarks/offload_memory.py --device cuda
+    assert all(p.device.type == "cpu" for p in home.parameters())
+    for index, entry in want.layers.items():
+        for name, value in entry.items():
+            torch.testing.assert_close(got.layers[index][name], value.cpu(), rtol=1e-4, atol=1e-4, msg=name)
+    options = dict(method="camera", avg_bits=3, quantizer="gptq", group_size=16, min_tokens=4)
+    quantize(resident, want, calib_dataloader=[{k: v.cuda() for k, v in b.items()} for b in batches], **options)
+    quantize(home, got, calib_dataloader=batches, offload="cuda", **options)
+    assert all(t.device.type == "cpu" for t in home.state_dict().values())
+    with torch.no_grad():
+        torch.testing.assert_close(home.cuda()(**cuda_batch()).logits, resident(**cuda_batch()).logits,
+                                   rtol=1e-3, atol=1e-3)

@@ -309,6 +309,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(_decoder_layers(model))
 
 
+def decoder_stack(model: nn.Module) -> nn.ModuleList:
+    """The model's own list of decoder layers (to swap layers in place, e.g. for recorders)."""
+    return _decoder_layers(model)
+
+
+def outer_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules outside the decoder layers and the LM head: what runs before the first decoder layer
+    (embeddings, rotary embedding) and the final norm. Their own tensors only matter (``recurse=False``)."""
+    inside = {id(m) for layer in _decoder_layers(model) for m in layer.modules()}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is not None:
+        inside |= {id(m) for m in head.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """All MoE layers of ``model`` (dense layers of mixed models are skipped), in depth order."""
     spec = architecture_spec(model)

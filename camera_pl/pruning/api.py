@@ -35,9 +35,12 @@ from camera_pl.experts.base import FusedExperts
 from camera_pl.experts.modulelist import ModuleListExperts
 from camera_pl.pruning.allocation import ALLOCATIONS, expert_level_keep
 from camera_pl.pruning.config import CALIBRATED_METHODS, PruneConfig
-from camera_pl.pruning.naee import cache_layer_inputs, naee_keep
-from camera_pl.stats.container import MicroExpertStats, collect_stats
-from camera_pl.stats.scores import LayerScores
+from camera_pl.arch.forward import use_camera_experts
+from camera_pl.offload import LayerByLayer, OffloadConfig, as_offload
+from camera_pl.pruning.naee import cache_layer_inputs, naee_keep, naee_keep_layerwise
+from camera_pl.stats.container import MicroExpertStats, collect_stats, layer_entry
+from camera_pl.stats.observation import StatsAccumulator, observe
+from camera_pl.stats.scores import LayerScores, compute_scores
 from camera_pl.pruning.surgery import check_expert_count, remove_experts, shrink_fused, shrink_shared, to_ragged
 
 
@@ -168,16 +171,26 @@ def _update_config(model: nn.Module, layers: list[MoELayer]) -> None:
 
 
 def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: PruneConfig | float | None = None, *,
-          calib_dataloader: Iterable | None = None, **options) -> PruneReport:
+          calib_dataloader: Iterable | None = None, offload: OffloadConfig | str | torch.device | None = None,
+          **options) -> PruneReport:
     """Prune ``model`` in place; see the module docstring and :class:`PruneConfig`. Returns a :class:`PruneReport`.
 
     ``config`` is a :class:`PruneConfig`, or the ratio; ``options`` are :class:`PruneConfig`
     fields (``prune(model, stats, 0.4, allocation="global")``). ``calib_dataloader`` feeds
-    ``sequential`` calibration and ``naee``.
+    ``sequential`` calibration and ``naee``. With ``offload`` (an
+    :class:`~camera_pl.offload.OffloadConfig` or the execution device) those run one decoder
+    layer at a time on the execution device, the model staying on its home device
+    (:mod:`camera_pl.offload`); ``sequential`` then prunes each layer before computing the
+    next layer's inputs. Pruning from given statistics never runs the model, offloaded or not.
     """
     if isinstance(config, (int, float)) and not isinstance(config, bool):
         config, options = None, {"ratio": float(config), **options}
     config = PruneConfig.build(config, **options)
+    offload = as_offload(offload)
+    if offload is not None and config.sequential and config.method == "heapr":
+        raise ValueError("sequential heapr pruning collects gradient statistics, whose backward pass needs the whole "
+                         "model; layer-by-layer execution (offload=...) cannot run it. Use another method, or "
+                         "sequential=False with statistics collected in memory.")
     layers = moe_layers(model)
     for layer in layers:
         if layer.experts.kind not in ("fused", "ragged", "list"):
@@ -203,23 +216,16 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
                                              layer.shared_intermediate_size, params_before=expert_params(layer))
                for layer in layers}
     if config.level == "expert":
-        _prune_experts(model, layers, stats, config, calib_dataloader, reports)
+        _prune_experts(model, layers, stats, config, calib_dataloader, reports, offload)
+    elif config.sequential and offload is not None:
+        _prune_sequential_layerwise(model, calib_dataloader, config, offload, originals, reports)
     else:
-        allocation = ALLOCATIONS[config.allocation]
         groups = [[layer] for layer in layers] if config.sequential else [layers]
         for group in groups:
             if config.sequential:
                 stats = collect_stats(model, calib_dataloader, max_tokens=config.max_tokens, **config.collect_kwargs())
             scores = stats.scores(config.method, model=model, **config.score_kwargs())
-            padded = {l.index: _in_original_sizes(l, scores[l.index], originals[l.index]) for l in group}
-            keeps = allocation.fn({i: v[0] for i, v in padded.items()}, {i: v[1] for i, v in padded.items()}, config)
-            keeps = {l.index: _current_part(l, *keeps[l.index]) for l in group}
-            for layer in group:  # every layer must stay routable (and fused widths aligned) before any is edited
-                check_expert_count(layer, int((keeps[layer.index][0].sum(1) > 0).sum()))
-                if allocation.fused and layer.experts.kind != "list":  # a list's Linears take any width
-                    _check_fused_width(layer, int(keeps[layer.index][0].sum(1).max()))
-            for layer in group:
-                reports[layer.index].experts_removed = _apply_micro(layer, *keeps[layer.index], fused=allocation.fused)
+            _prune_group(group, scores, originals, config, reports)
     layers = moe_layers(model)
     for layer in layers:
         r = reports[layer.index]
@@ -227,6 +233,45 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
     _update_config(model, layers)
     setattr(model.config, ORIGINAL_SIZES, {str(i): list(v) for i, v in originals.items()})
     return PruneReport(config.method, config.allocation, config.ratio, [reports[l.index] for l in layers])
+
+
+def _prune_group(group: list[MoELayer], scores: dict[int, LayerScores], originals: dict[int, tuple[int, int]],
+                 config: PruneConfig, reports: dict[int, LayerPruneReport]) -> None:
+    """Choose the micro-experts to keep in ``group`` (one allocation over its layers) and remove the others."""
+    allocation = ALLOCATIONS[config.allocation]
+    padded = {l.index: _in_original_sizes(l, scores[l.index], originals[l.index]) for l in group}
+    keeps = allocation.fn({i: v[0] for i, v in padded.items()}, {i: v[1] for i, v in padded.items()}, config)
+    keeps = {l.index: _current_part(l, *keeps[l.index]) for l in group}
+    for layer in group:  # every layer must stay routable (and fused widths aligned) before any is edited
+        check_expert_count(layer, int((keeps[layer.index][0].sum(1) > 0).sum()))
+        if allocation.fused and layer.experts.kind != "list":  # a list's Linears take any width
+            _check_fused_width(layer, int(keeps[layer.index][0].sum(1).max()))
+    for layer in group:
+        reports[layer.index].experts_removed = _apply_micro(layer, *keeps[layer.index], fused=allocation.fused)
+
+
+def _prune_sequential_layerwise(model: nn.Module, calib_dataloader: Iterable, config: PruneConfig,
+                                offload: OffloadConfig, originals: dict[int, tuple[int, int]],
+                                reports: dict[int, LayerPruneReport]) -> None:
+    """``sequential`` one decoder layer at a time: observe the layer on the cached batches, prune it, then run
+    the pruned layer to give the next one its inputs (what the in-memory path recollects the statistics for)."""
+    run = LayerByLayer(model, calib_dataloader, offload, config.max_tokens)
+    restore = use_camera_experts(model)  # the in-memory path runs every layer through camera_pl's forward
+    try:
+        for step in run:
+            if step.moe is not None:
+                acc = StatsAccumulator([step.moe])
+                with observe(model, acc, layers=[step.moe], device=offload.device) as obs:
+                    step.run(keep_outputs=False,
+                             before_batch=lambda mask: obs.set_attention_mask(mask, mask, count=False))
+                acc.update(torch.tensor(float(run.tokens)))
+                entry = layer_entry(acc, step.moe)
+                _prune_group([step.moe], compute_scores({step.index: entry}, config.method, **config.score_kwargs()),
+                             originals, config, reports)
+            if not step.last:
+                step.run()
+    finally:
+        restore()
 
 
 def _check_fused_width(layer: MoELayer, width: int) -> None:
@@ -239,11 +284,14 @@ def _check_fused_width(layer: MoELayer, width: int) -> None:
 
 
 def _prune_experts(model: nn.Module, layers: list[MoELayer], stats: MicroExpertStats | None, config: PruneConfig,
-                   calib_dataloader: Iterable | None, reports: dict[int, LayerPruneReport]) -> None:
+                   calib_dataloader: Iterable | None, reports: dict[int, LayerPruneReport],
+                   offload: OffloadConfig | None) -> None:
     """Expert-level methods: remove ``round(ratio · E)`` whole experts per layer with their router rows."""
     if config.method == "naee":
-        inputs = cache_layer_inputs(model, layers, calib_dataloader, config.max_tokens or 4096)
-        keeps = naee_keep(layers, inputs, int(round(config.ratio * layers[0].num_experts)))
+        n_remove = int(round(config.ratio * layers[0].num_experts))
+        keeps = naee_keep_layerwise(model, calib_dataloader, config.max_tokens or 4096, n_remove, offload) \
+            if offload is not None else \
+            naee_keep(layers, cache_layer_inputs(model, layers, calib_dataloader, config.max_tokens or 4096), n_remove)
     else:
         scores = stats.scores(config.method, model=model, **config.score_kwargs())
         keeps = {layer.index: expert_level_keep(scores[layer.index], config.ratio) for layer in layers}

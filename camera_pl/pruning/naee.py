@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from camera_pl.arch.adapters import MoELayer
+from camera_pl.offload import LayerByLayer, OffloadConfig
 from camera_pl.pruning.surgery import remove_experts
 
 
@@ -51,6 +52,35 @@ def cache_layer_inputs(model: nn.Module, layers: list[MoELayer], dataloader: Ite
     if seen == 0:
         raise ValueError("NAEE saw no tokens: the calibration dataloader is empty.")
     return {i: torch.cat(xs)[:max_tokens][None] for i, xs in cached.items()}
+
+
+def naee_keep_layerwise(model: nn.Module, dataloader: Iterable, max_tokens: int, n_remove: int,
+                        offload: OffloadConfig) -> dict[int, torch.Tensor]:
+    """:func:`naee_keep` one decoder layer at a time (:mod:`camera_pl.offload`): each MoE block's unpadded inputs
+    are captured while its layer runs the cached batches of the unpruned model, and its experts are chosen while
+    it is on the execution device. Nothing is removed here."""
+    run = LayerByLayer(model, dataloader, offload, max_tokens)
+    keeps: dict[int, torch.Tensor] = {}
+    for step in run:
+        if step.moe is None:
+            step.run()
+            continue
+        inputs: list[torch.Tensor] = []
+        mask: list[torch.Tensor] = []
+
+        def declare(batch_mask: torch.Tensor) -> None:
+            mask[:] = [batch_mask.reshape(-1)]
+
+        def record(module: nn.Module, args: tuple) -> None:
+            inputs.append(args[0].detach().reshape(-1, args[0].shape[-1])[mask[0]])
+
+        handle = step.moe.block.register_forward_pre_hook(record)
+        try:
+            step.run(before_batch=declare)
+        finally:
+            handle.remove()
+        keeps.update(naee_keep([step.moe], {step.index: torch.cat(inputs)[:max_tokens][None]}, n_remove))
+    return keeps
 
 
 def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from torch import nn
 from camera_pl.arch.adapters import decoder_layers, moe_layers
 from camera_pl.experts.quantized import QuantizedExperts
 from camera_pl.quant.allocation import LayerBits
-from camera_pl.quant.calibration import capture_layer_inputs
+from camera_pl.offload import LayerByLayer, OffloadConfig, as_offload, home_device, onloaded
+from camera_pl.quant.calibration import capture_layer_inputs, capture_step_inputs
 from camera_pl.quant.config import QuantizeConfig
 from camera_pl.quant.layer import quantize_linear, quantize_routed, quantize_shared, write_back
 from camera_pl.quant.methods import BIT_ALLOCATIONS, PMQ_CHOICES, AllocationContext
@@ -150,7 +151,7 @@ def _resolve(config: QuantizeConfig | str | None, options: dict) -> QuantizeConf
 
 def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None = None, *,
              calib_dataloader: Iterable | None = None, allocation: Mapping[int, LayerBits] | None = None,
-             **options) -> QuantReport:
+             offload: OffloadConfig | str | torch.device | None = None, **options) -> QuantReport:
     """Quantize the routed experts of every MoE layer of ``model`` in place.
 
     Args:
@@ -160,8 +161,13 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
         calib_dataloader: re-iterable of dicts with ``input_ids`` (+ ``attention_mask``), for GPTQ and PMQ.
         allocation: bits per layer from :func:`allocate` (e.g. kept from a fake-quantized
             finetuning phase); replaces the allocation ``config.method`` would compute.
+        offload: an :class:`~camera_pl.offload.OffloadConfig` or the execution device: the model stays
+            on its home device (CPU) and each decoder layer is quantized on the execution device, GPTQ
+            and PMQ calibrating it on the cached outputs of the layers quantized before it
+            (:mod:`camera_pl.offload`); the result is the in-memory one.
     """
     config = _resolve(config, options)
+    offload = as_offload(offload)
     _check_data(config, stats, calib_dataloader, allocating=allocation is None)
     layers = moe_layers(model)
     _check_quantizable(layers, config)
@@ -175,15 +181,31 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     was_training = model.training
     model.eval()
     reports = []
+    calibrated = config.quantizer == "gptq" or (allocation is None and config.needs_inputs)
+
+    def quantize_one(layer, inputs) -> None:
+        with torch.no_grad():
+            bits = allocation[layer.index] if allocation is not None else \
+                _allocate(layer, config, stats, scores, energy, inputs)
+            reports.append(_quantize_layer(layer, bits, config, inputs if config.quantizer == "gptq" else None))
+
     try:
-        for layer in layers:
-            inputs = None
-            if config.quantizer == "gptq" or (allocation is None and config.needs_inputs):
-                inputs = capture_layer_inputs(model, layer, calib_dataloader, config.max_calib_tokens)
-            with torch.no_grad():
-                bits = allocation[layer.index] if allocation is not None else \
-                    _allocate(layer, config, stats, scores, energy, inputs)
-                reports.append(_quantize_layer(layer, bits, config, inputs if config.quantizer == "gptq" else None))
+        if offload is None:
+            for layer in layers:
+                quantize_one(layer, capture_layer_inputs(model, layer, calib_dataloader, config.max_calib_tokens)
+                             if calibrated else None)
+        elif calibrated:
+            for step in LayerByLayer(model, calib_dataloader, offload, config.max_calib_tokens):
+                if step.moe is not None:
+                    quantize_one(step.moe, capture_step_inputs(step))
+                if not step.last:
+                    step.run()  # the quantized layer's outputs: the next layer's calibration inputs
+        else:
+            home = home_device(model)
+            stack = decoder_layers(model)
+            for layer in layers:
+                with onloaded(stack[layer.index], offload, home):
+                    quantize_one(layer, None)
         if config.other_bits is not None:
             _quantize_other(model, layers, config.other_bits, config.group_size)
     finally:
@@ -192,18 +214,29 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
 
 
 def allocate(model: nn.Module, stats=None, config: QuantizeConfig | str | None = None, *,
-             calib_dataloader: Iterable | None = None, **options) -> dict[int, LayerBits]:
+             calib_dataloader: Iterable | None = None, offload: OffloadConfig | str | torch.device | None = None,
+             **options) -> dict[int, LayerBits]:
     """The bits :func:`quantize` would give every layer (same config), without changing the model.
 
-    Methods that measure output errors (PMQ) measure them on the unquantized model here (not sequentially).
+    Methods that measure output errors (PMQ) measure them on the unquantized model here (not sequentially),
+    one decoder layer at a time on the execution device with ``offload`` (as :func:`quantize`).
     """
     config = _resolve(config, options)
+    offload = as_offload(offload)
     _check_data(config, stats, calib_dataloader if config.needs_inputs else [], True)
     layers = moe_layers(model)
     _check_quantizable(layers, config)
     _check_pmq_budget(layers, config)
     scores, energy = _scores(model, stats, config)
     out = {}
+    if offload is not None and config.needs_inputs:
+        for step in LayerByLayer(model, calib_dataloader, offload, config.max_calib_tokens):
+            if step.moe is not None:
+                with torch.no_grad():
+                    out[step.index] = _allocate(step.moe, config, stats, scores, energy, capture_step_inputs(step))
+            if not step.last:
+                step.run()
+        return out
     for layer in layers:
         inputs = None
         if config.needs_inputs:
@@ -226,9 +259,13 @@ def _scores(model: nn.Module, stats, config: QuantizeConfig) -> tuple[dict | Non
 
 
 def _allocate(layer, config: QuantizeConfig, stats, scores, energy, inputs) -> LayerBits:
-    ctx = AllocationContext(layer, config, None if scores is None else scores[layer.index].routed,
-                            None if energy is None else energy[layer.index],
-                            None if stats is None else stats.layers[layer.index], inputs)
+    """The layer's bits by ``config.method``, from statistics moved to the layer's device (offloaded layers run
+    on the execution device while statistics stay home)."""
+    device = layer.experts.device
+    ctx = AllocationContext(layer, config, None if scores is None else scores[layer.index].routed.to(device),
+                            None if energy is None else energy[layer.index].to(device),
+                            None if stats is None else {n: t.to(device) for n, t in stats.layers[layer.index].items()},
+                            inputs)
     return BIT_ALLOCATIONS[config.method].fn(ctx)
 
 

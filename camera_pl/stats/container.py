@@ -22,6 +22,7 @@ from torch import nn
 from camera_pl.arch.adapters import MoELayer, model_signature, moe_layers
 from camera_pl.checksum import tensors_digest
 from camera_pl.labels import IGNORE_INDEX, causal_labels
+from camera_pl.offload import LayerByLayer, OffloadConfig, as_offload
 from camera_pl.stats.observation import RATIO_BINS, StatsAccumulator, observe
 from camera_pl.stats.scores import LayerScores, compute_scores
 
@@ -101,6 +102,20 @@ def check_finite(index: int, entry: dict[str, torch.Tensor]) -> None:
                              "experts' weights, and the dtype's range); no pruning or quantization decision can use it.")
 
 
+def layer_entry(acc: StatsAccumulator, layer: MoELayer, states: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+    """One layer's statistics from an accumulator (``states``: its computed states, to compute them once),
+    with the layer's current weight norms (and HEAPr's quadratic forms); checked finite."""
+    states = acc.compute() if states is None else states
+    entry = {name: states[f"l{layer.index}_{name}"] for name in acc.layer_names(layer.index)}
+    if layer.index in acc.heapr_modes:
+        entry["heapr_tokens"] = states["tokens"].clone()
+    entry.update(weight_norms(layer))
+    entry.update(heapr_quadratic(layer, entry))
+    check_finite(layer.index, entry)
+    return entry
+
+
 @dataclass
 class MicroExpertStats:
     """Micro-expert statistics of every MoE layer of one model.
@@ -132,15 +147,9 @@ class MicroExpertStats:
         states = acc.compute()
         layers, fingerprints = {}, []
         for layer in moe_layers(model):
-            entry = {name: states[f"l{layer.index}_{name}"] for name in acc.layer_names(layer.index)}
-            if layer.index in acc.heapr_modes:
-                entry["heapr_tokens"] = states["tokens"].clone()
             with (gather or nullcontext)(layer.block):
-                entry.update(weight_norms(layer))
-                entry.update(heapr_quadratic(layer, entry))
+                layers[layer.index] = layer_entry(acc, layer, states)
                 fingerprints.append(layer.fingerprint())
-            check_finite(layer.index, entry)
-            layers[layer.index] = entry
         signature = {**model_signature(model, fingerprint=False), "fingerprint": fingerprints}
         return cls(signature, layers, int(states["tokens"].item()), dict(meta or {}))
 
@@ -289,7 +298,8 @@ def _lm_loss_backward(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
 
 def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None = None,
-                  heapr_mode: str | None = None) -> MicroExpertStats:
+                  heapr_mode: str | None = None, offload: OffloadConfig | str | torch.device | None = None
+                  ) -> MicroExpertStats:
     """Run ``model`` over ``dataloader`` (no Trainer needed) and return its micro-expert statistics.
 
     Batches are dicts with ``input_ids`` and optional ``attention_mask``; padding tokens never
@@ -303,15 +313,26 @@ def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None
     score is computed. The same pass collects all other statistics. A sequence's last token has no
     target and no later token attending to it, so its gradient is zero; it still counts in the
     token averages (as every routed token does in ``count``).
+
+    With ``offload`` (an :class:`~camera_pl.offload.OffloadConfig` or the execution device, e.g.
+    ``"cuda"``) the model stays on its home device (CPU) and runs one decoder layer at a time on
+    the execution device (:mod:`camera_pl.offload`); the statistics are the same and live on
+    the home device. HEAPr's backward pass needs the whole model and is not available then.
     """
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0):
         raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
+    offload = as_offload(offload)
+    if offload is not None and heapr_mode is not None:
+        raise ValueError("heapr_mode needs a backward pass through every later layer, which layer-by-layer execution "
+                         "(offload=...) does not run; collect HEAPr statistics in memory or use another score.")
     layers = moe_layers(model)
     accumulator = StatsAccumulator(layers, heapr_mode=heapr_mode)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
+        if offload is not None:
+            return _collect_layerwise(model, dataloader, max_tokens, offload, accumulator)
         with torch.set_grad_enabled(heapr_mode is not None), observe(model, accumulator) as obs:
             for input_ids, attention_mask in _batches(dataloader):
                 input_ids = input_ids.to(device)
@@ -328,3 +349,14 @@ def collect_stats(model: nn.Module, dataloader: Iterable, max_tokens: int | None
             return MicroExpertStats.from_accumulator(obs.accumulator, model)
     finally:
         model.train(was_training)
+
+
+def _collect_layerwise(model: nn.Module, dataloader: Iterable, max_tokens: int | None, offload: OffloadConfig,
+                       accumulator: StatsAccumulator) -> MicroExpertStats:
+    """:func:`collect_stats` one decoder layer at a time: every layer's observers see every cached batch."""
+    run = LayerByLayer(model, dataloader, offload, max_tokens)
+    with observe(model, accumulator, device=offload.device) as obs:
+        for step in run:
+            step.run(before_batch=lambda mask: obs.set_attention_mask(mask, mask, count=False))
+    accumulator.update(torch.tensor(float(run.tokens)))
+    return MicroExpertStats.from_accumulator(accumulator.to(run.home), model)

@@ -244,8 +244,12 @@ class Observation:
         self.accumulator = acc
         self._mask: torch.Tensor | None = None
 
-    def set_attention_mask(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> None:
-        """Declare which tokens of the next forward count (mask 0 = padding, never counted)."""
+    def set_attention_mask(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor,
+                           count: bool = True) -> None:
+        """Declare which tokens of the next forward count (mask 0 = padding, never counted).
+
+        ``count=False`` leaves the token count alone: layer-by-layer runs declare each batch once per layer.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -254,7 +258,8 @@ class Observation:
                 f"{tuple(input_ids.shape)}; pass a 2D [batch, seq] padding mask."
             )
         self._mask = attention_mask.reshape(-1).bool()
-        self.accumulator.update(self._mask.sum())
+        if count:
+            self.accumulator.update(self._mask.sum())
 
     def token_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         if self._mask is None:
@@ -268,14 +273,17 @@ class Observation:
 
 
 @contextmanager
-def observe(model: nn.Module, accumulator: StatsAccumulator | None = None) -> Iterator[Observation]:
+def observe(model: nn.Module, accumulator: StatsAccumulator | None = None, layers: list[MoELayer] | None = None,
+            device: torch.device | None = None) -> Iterator[Observation]:
     """Collect micro-expert statistics from every forward of ``model`` inside the block.
 
     The model's experts implementation is switched to ``"camera_pl"`` and restored on exit,
-    with all hooks removed. Pass an existing ``accumulator`` to keep accumulating into it.
+    with all hooks removed. Pass an existing ``accumulator`` to keep accumulating into it,
+    ``layers`` to observe only those MoE layers (the accumulator's), ``device`` to keep the
+    accumulator there (default: the model's; layer-by-layer runs pass the execution device).
     """
-    layers = moe_layers(model)
-    device = next(model.parameters()).device
+    layers = moe_layers(model) if layers is None else layers
+    device = next(model.parameters()).device if device is None else device
     acc = (accumulator or StatsAccumulator(layers)).to(device)
     observation = Observation(model, layers, acc)
     handles = []

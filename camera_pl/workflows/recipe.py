@@ -12,6 +12,11 @@ A recipe names the model, the data and an ordered list of steps::
       - recover: {steps: 100, lr: 0.001}
       - save: {}
 
+An optional ``offload: {execution_device: auto, cache_device: cpu}`` section
+(:class:`~camera_pl.offload.OffloadConfig`) keeps the model in host memory and runs the
+``stats``, ``prune`` and ``quantize`` steps one decoder layer at a time on the execution
+device (``auto``: the recipe's accelerator), for models larger than its memory.
+
 Unknown keys and wrong types are errors naming the key, the file and the line. ``--set
 key=value`` overrides use dotted paths (``data.batch_size=4``, ``steps.2.prune.ratio=0.6``).
 """
@@ -31,6 +36,7 @@ from camera_pl.config import ConfigError
 from camera_pl.expert_compression import CompressedExpertsConfig
 from camera_pl.lora import LoRAConfig
 from camera_pl.odp import OdpConfig
+from camera_pl.offload import OffloadConfig
 from camera_pl.pruning.config import PruneConfig
 from camera_pl.quant.config import QuantizeConfig
 from camera_pl.stats.observation import HEAPR_MODES
@@ -222,11 +228,15 @@ class Recipe:
     seed: int = 0
     accelerator: str = "auto"
     source: str = "<recipe>"
+    offload: OffloadConfig | None = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "seed": self.seed, "accelerator": self.accelerator,
-                "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "steps": [{kind: _plain_data(dataclasses.asdict(step))} for kind, step in self.steps]}
+        out = {"name": self.name, "seed": self.seed, "accelerator": self.accelerator,
+               "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+               "steps": [{kind: _plain_data(dataclasses.asdict(step))} for kind, step in self.steps]}
+        if self.offload is not None:
+            out["offload"] = dataclasses.asdict(self.offload)
+        return out
 
 
 def _plain_data(value: Any) -> Any:
@@ -312,7 +322,7 @@ def parse_recipe(data: dict, lines: dict[int, int] | None = None, source: str = 
     lines = lines or {}
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with name, model, data and steps.")
-    allowed = {"name", "model", "data", "steps", "seed", "accelerator"}
+    allowed = {"name", "model", "data", "steps", "seed", "accelerator", "offload"}
     for key in data:
         if key not in allowed:
             n = lines.get(hash((key,)))
@@ -336,6 +346,8 @@ def parse_recipe(data: dict, lines: dict[int, int] | None = None, source: str = 
         model=_build(ModelSpec, data.get("model"), "model", ("model",), lines, source),
         data=_build(DataSpec, data.get("data"), "data", ("data",), lines, source),
         steps=steps, seed=data.get("seed", 0), accelerator=data.get("accelerator", "auto"), source=source,
+        offload=_build(OffloadConfig, data["offload"], "offload", ("offload",), lines, source) if "offload" in data
+        else None,
     )
 
 

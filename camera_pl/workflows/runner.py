@@ -28,7 +28,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
@@ -63,6 +63,7 @@ class RunContext:
     log: Callable[[str], None] = print
     saved_stats: Any = field(default=None, repr=False)  # the statistics state.json records (the run loop's)
     teacher: nn.Module | None = field(default=None, repr=False)  # the recipe's model, frozen, for KD recover steps
+    offload: Any = None  # the recipe's OffloadConfig, its execution device resolved: stats/prune/quantize layer by layer
 
     def loader(self, split: str, batches: int | None):
         source = {"train": self.datamodule.train_dataloader, "validation": self.datamodule.val_dataloader,
@@ -104,7 +105,7 @@ def step_stats(ctx: RunContext, step) -> None:
     from camera_pl.stats.container import collect_stats
 
     ctx.stats = collect_stats(ctx.model, ctx.loader("validation", ctx.recipe.data.calib_batches), step.max_tokens,
-                              heapr_mode=step.heapr_mode)
+                              heapr_mode=step.heapr_mode, offload=ctx.offload)
     ctx.stats.save(ctx.run_dir / STATS)
     ctx.log(f"statistics: {ctx.stats.tokens} tokens, {ctx.stats.nbytes() / 1024:.0f} KiB")
 
@@ -122,7 +123,7 @@ def step_prune(ctx: RunContext, step) -> None:
     calibrated = step.sequential or step.method == "naee"
     stats = None if calibrated else _stats_or_collect(ctx)
     calib = ctx.loader("validation", ctx.recipe.data.calib_batches) if calibrated else None
-    report = prune(ctx.model, stats, step, calib_dataloader=calib)
+    report = prune(ctx.model, stats, step, calib_dataloader=calib, offload=ctx.offload)
     ctx.log(report.summary().splitlines()[0])
 
 
@@ -162,7 +163,7 @@ def step_quantize(ctx: RunContext, step) -> None:
 
     stats = _stats_or_collect(ctx) if step.needs_stats else None
     calib = ctx.loader("validation", ctx.recipe.data.calib_batches) if step.needs_calibration else None
-    report = quantize(ctx.model, stats, step, calib_dataloader=calib)
+    report = quantize(ctx.model, stats, step, calib_dataloader=calib, offload=ctx.offload)
     ctx.log(str(report).splitlines()[0])
 
 
@@ -427,9 +428,16 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False, log: C
     elif state["done"]:
         log(f"resuming after step {state['done']} from the recipe's model")
     device = "cuda" if recipe.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    offload = recipe.offload
+    if offload is not None:  # the model stays in host memory; stats/prune/quantize onload one layer at a time
+        if offload.execution_device == "auto":
+            offload = replace(offload, execution_device=device)
+        log(f"offload: stats, prune and quantize run layer by layer on {offload.execution_device}; the model and "
+            "every other step stay on cpu")
+        device = "cpu"
     model = model.to(device)
     ctx = RunContext(recipe, run_dir, model, tokenizer, build_datamodule(recipe.data, tokenizer), log=log,
-                     teacher=None if teacher is None else teacher.to(device))
+                     teacher=None if teacher is None else teacher.to(device), offload=offload)
     if resuming and (run_dir / "metrics.json").exists():
         ctx.metrics = json.loads((run_dir / "metrics.json").read_text())
     if state["done"]:
