@@ -320,9 +320,10 @@ def gptq_batched(weight: torch.Tensor, hessian: torch.Tensor, bits: torch.Tensor
         raise ValueError(f"damp must be positive (fraction of the mean Hessian diagonal), got {damp}.")
     n_mat, rows, cols = weight.shape
     bits = check_bits(bits).to(weight.device)
-    if bits.shape != (n_mat, rows if axis == "out" else cols):
-        raise ValueError(f"bits must have one value per quantized row of each matrix, [B, {'out' if axis == 'out' else 'in'}]"
-                         f" = {[n_mat, rows if axis == 'out' else cols]}; got {list(bits.shape)}.")
+    expected = (n_mat, rows if axis == "out" else cols)
+    if bits.shape != expected:
+        raise ValueError(f"bits must have one value per quantized row of each matrix, [B, {axis}] = {list(expected)} "
+                         f"with axis={axis!r}; got {list(bits.shape)}.")
     w = weight.detach()
     h = hessian.to(weight.device)
     order = None
