@@ -19,9 +19,14 @@ prefill beyond what the models already held; on CPU it is the process's peak RSS
 building. Compression time is one run. Stored bytes count every parameter and buffer of the
 model (``model bytes``) and of its routed experts alone (``expert bytes``).
 
+``--gptq`` adds CAMERA-Q 2.5 bits quantized with GPTQ (calibrated on the statistics' tokens);
+``--compress-only`` stops after building, printing each build's seconds (total and per MoE layer)
+and stored bytes, e.g. to time GPTQ at real sizes without the forward timings.
+
     python benchmarks/compressed_speed.py                     # small default size (a few minutes on 2 cores)
     python benchmarks/compressed_speed.py --hidden 2048 --experts 128 --width 768 --top-k 8 --layers 2 --no-loop
     python benchmarks/compressed_speed.py --device cuda ...   # the same on a GPU
+    python benchmarks/compressed_speed.py --hidden 2048 --experts 128 --width 768 --top-k 8 --layers 1 --gptq --compress-only
 """
 
 from __future__ import annotations
@@ -98,6 +103,18 @@ def train_step(model: torch.nn.Module, batch: dict) -> None:
     model.eval()
 
 
+def print_builds(args: argparse.Namespace, models: dict, build_s: dict, rss: dict) -> None:
+    """The ``--compress-only`` table: build seconds (total, per MoE layer), peak RSS and stored bytes."""
+    print(f"\nqwen3_moe bf16, hidden {args.hidden}, {args.experts} experts of width {args.width}, top-{args.top_k}, "
+          f"{args.layers} layers, {args.calib_tokens} calibration tokens; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; one build each\n")
+    print("| model | compress s | per layer s | peak RSS after | expert bytes |")
+    print("|---|---|---|---|---|")
+    for name, model in models.items():
+        experts = sum(tensor_bytes(layer.module) for layer in moe_layers(model))
+        print(f"| {name} | {build_s[name]:.1f} | {build_s[name] / args.layers:.1f} | {rss[name]:.2f} GB | {experts} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -112,6 +129,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--loop", action=argparse.BooleanOptionalAction, default=True,
                         help="also time CAMERA-Q through the per-expert loop (slow at large sizes)")
+    parser.add_argument("--gptq", action="store_true", help="also build CAMERA-Q 2.5 bits with GPTQ (slow)")
+    parser.add_argument("--compress-only", action="store_true", help="time the builds only (no forwards)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -145,6 +164,9 @@ def main() -> None:
         "CAMERA-P 40% layer (ragged)": lambda m: prune(m, stats, 0.4, allocation="layer"),
         "CAMERA-P 40% expert (fused)": lambda m: prune(m, stats, 0.4, allocation="expert"),
     }
+    if args.gptq:
+        builds["CAMERA-Q 2.5 bits, GPTQ"] = lambda m: quantize(m, stats, method="camera", avg_bits=2.5,
+                                                               quantizer="gptq", calib_dataloader=calib)
     models, build_s, rss = {"dense bf16": dense}, {"dense bf16": 0.0}, {"dense bf16": peak_rss_gb()}
     for name, build in builds.items():
         model = copy.deepcopy(dense)
@@ -154,6 +176,9 @@ def main() -> None:
         models[name] = model
         print(f"built {name} in {build_s[name]:.1f} s (peak RSS so far {rss[name]:.2f} GB)", flush=True)
 
+    if args.compress_only:
+        print_builds(args, models, build_s, rss)
+        return
     if args.loop:  # the per-expert dequantizing loop, for comparison
         looped = copy.deepcopy(models["CAMERA-Q 2.5 bits"])
         for layer in moe_layers(looped):

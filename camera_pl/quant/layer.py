@@ -6,6 +6,11 @@ with the already quantized gate/up (as GPTQ does inside an MLP). **Rarely routed
 experts**: an expert with fewer than ``min_tokens`` routed tokens would get a singular,
 noisy Hessian, so it uses *all* of the layer's calibration tokens instead (as if every
 token were routed to it) — never skipped, never NaN. Such experts are listed in the report.
+
+GPTQ runs on chunks of experts of equal width at once (:func:`camera_pl.quant.quantizers.gptq_batched`;
+chunk sizes from :func:`~camera_pl.quant.quantizers.gptq_chunk_size` keep memory bounded), and an
+expert's gate and up projections, which share their input and Hessian, are quantized as one matrix
+``[2W, H]`` (GPTQ treats rows independently, so this equals quantizing them apart).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from camera_pl.arch.adapters import MoELayer
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.calibration import LayerInputs
 from camera_pl.experts.base import ExpertWeights
-from camera_pl.quant.quantizers import QuantizedRows, gptq, rtn
+from camera_pl.quant.quantizers import QuantizedRows, gptq, gptq_batched, gptq_chunk_size, rtn
 
 
 def _row_bits(bits: LayerBits, m: str, e: int, channels: torch.Tensor) -> torch.Tensor:
@@ -34,39 +39,76 @@ def quantize_routed(layer: MoELayer, bits: LayerBits, quantizer: str, inputs: La
     Rows are expert ``e``'s kept micro-experts (gate/up rows, and down columns with
     ``down_axis="in"``) or its down rows (``"out"``).
     """
+    if quantizer == "rtn":
+        return _rtn_routed(layer, bits, group_size), []
+    return _gptq_routed(layer, bits, inputs, group_size, damp, act_order, min_tokens)
+
+
+def _rtn_routed(layer: MoELayer, bits: LayerBits, group_size: int) -> dict[str, list[QuantizedRows]]:
     experts = layer.experts
     out: dict[str, list[QuantizedRows]] = {m: [] for m in bits.rows()}
-    fallback: list[int] = []
-    everything = None if inputs is None else inputs.hidden
-    all_tokens = None if everything is None else everything.float().t() @ everything.float()
     for e in range(layer.num_experts):
         w, ch = experts.weights(e), experts.channels(e)
         down_rows = w.down.t() if bits.down_axis == "in" else w.down
-        if quantizer == "rtn":
-            if w.gate is not None:
-                out["gate"].append(rtn(w.gate, _row_bits(bits, "gate", e, ch), group_size))
-            out["up"].append(rtn(w.up, _row_bits(bits, "up", e, ch), group_size))
-            out["down"].append(rtn(down_rows, _row_bits(bits, "down", e, ch), group_size))
-            continue
-        tok, _ = inputs.routed(e)
-        if tok.numel() >= min_tokens:
-            x = everything[tok]
-            hessian = x.float().t() @ x.float()
-        else:
-            x, hessian = everything, all_tokens
-            fallback.append(e)
-        qg = None
         if w.gate is not None:
-            qg = gptq(w.gate, hessian, _row_bits(bits, "gate", e, ch), group_size, damp=damp, act_order=act_order)
-            out["gate"].append(qg)
-        qu = gptq(w.up, hessian, _row_bits(bits, "up", e, ch), group_size, damp=damp, act_order=act_order)
-        out["up"].append(qu)
-        with torch.no_grad():
-            q = ExpertWeights(None if qg is None else qg.dequantize(x.dtype), qu.dequantize(x.dtype), w.down,
-                              w.gate_bias, w.up_bias, w.down_bias)
-            a = experts.activation(e, x, q).float()
-        out["down"].append(gptq(w.down, a.t() @ a, _row_bits(bits, "down", e, ch), group_size, axis=bits.down_axis,
-                                damp=damp, act_order=act_order))
+            out["gate"].append(rtn(w.gate, _row_bits(bits, "gate", e, ch), group_size))
+        out["up"].append(rtn(w.up, _row_bits(bits, "up", e, ch), group_size))
+        out["down"].append(rtn(down_rows, _row_bits(bits, "down", e, ch), group_size))
+    return out
+
+
+def _chunks(members: list[int], size: int) -> list[list[int]]:
+    return [members[i:i + size] for i in range(0, len(members), size)]
+
+
+def _gptq_routed(layer: MoELayer, bits: LayerBits, inputs: LayerInputs, group_size: int, damp: float,
+                 act_order: bool, min_tokens: int) -> tuple[dict[str, list[QuantizedRows]], list[int]]:
+    """GPTQ of all routed experts, chunk by chunk of experts of equal width (gate/up first, then down)."""
+    experts = layer.experts
+    hidden = inputs.hidden
+    routed = [inputs.routed(e)[0] for e in range(layer.num_experts)]
+    fallback = [e for e, tok in enumerate(routed) if tok.numel() < min_tokens]
+    all_tokens = hidden.float().t() @ hidden.float() if fallback else None
+
+    def tokens(e: int) -> torch.Tensor:
+        return hidden if e in fallback else hidden[routed[e]]
+
+    def hessian(e: int) -> torch.Tensor:
+        if e in fallback:
+            return all_tokens
+        x = tokens(e).float()
+        return x.t() @ x
+
+    gated = experts.layout.has_gate
+    matrices = ("gate", "up") if gated else ("up",)
+    out: dict[str, list[QuantizedRows]] = {m: [None] * layer.num_experts for m in bits.rows()}
+    options = dict(damp=damp, act_order=act_order)
+    widths = experts.widths().tolist()
+    for width in sorted(set(widths)):
+        members = [e for e, w in enumerate(widths) if w == width]
+        rows = 2 * width if gated else width
+        for chunk in _chunks(members, gptq_chunk_size(rows, experts.hidden_size)):
+            weights = [experts.weights(e) for e in chunk]
+            w = torch.stack([torch.cat([we.gate, we.up]) if gated else we.up for we in weights])
+            b = torch.stack([torch.cat([_row_bits(bits, m, e, experts.channels(e)) for m in matrices]) for e in chunk])
+            for e, q in zip(chunk, gptq_batched(w, torch.stack([hessian(e) for e in chunk]), b, group_size, **options)):
+                if gated:
+                    out["gate"][e], out["up"][e] = q.select_rows(0, width), q.select_rows(width, rows)
+                else:
+                    out["up"][e] = q
+        for chunk in _chunks(members, gptq_chunk_size(experts.hidden_size, width)):
+            hessians = []
+            for e in chunk:  # the down projections' inputs: activations of the quantized gate/up
+                w, x = experts.weights(e), tokens(e)
+                q = ExpertWeights(out["gate"][e].dequantize(x.dtype) if gated else None, out["up"][e].dequantize(x.dtype),
+                                  w.down, w.gate_bias, w.up_bias, w.down_bias)
+                a = experts.activation(e, x, q).float()
+                hessians.append(a.t() @ a)
+            w = torch.stack([experts.weights(e).down for e in chunk])
+            b = torch.stack([_row_bits(bits, "down", e, experts.channels(e)) for e in chunk])
+            results = gptq_batched(w, torch.stack(hessians), b, group_size, axis=bits.down_axis, **options)
+            for e, q in zip(chunk, results):
+                out["down"][e] = q
     return out, fallback
 
 

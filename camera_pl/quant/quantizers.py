@@ -78,6 +78,11 @@ class QuantizedRows:
         """The represented weights ``[R, C]`` in ``dtype`` (computed in float32, then cast)."""
         return dequantize(self.codes, self.scale, self.zero, self.bits, self.group_size).to(dtype)
 
+    def select_rows(self, start: int, stop: int) -> QuantizedRows:
+        """Rows ``start:stop`` (views), e.g. the gate or the up half of a jointly quantized gate/up matrix."""
+        return QuantizedRows(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop],
+                             self.bits[start:stop], self.group_size)
+
     def storage_bits(self) -> int:
         """Bits needed to store this matrix: codes, float16 scales and uint8 zeros (not for 1-bit rows)."""
         groups = self.scale.shape[1]
@@ -97,8 +102,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     q = codes.float()
     s = _expand(scale.float(), group_size, length)
     z = _expand(zero.float(), group_size, length)
-    sign = (bits == 1)[:, None]
-    return torch.where(sign, (2 * q - 1) * s, (q - z) * s)
+    return _values(q, s, z, (bits == 1)[:, None])
 
 
 def _ranges(w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,9 +165,19 @@ def squared_errors(rows: torch.Tensor, choices: tuple[int, ...], group_size: int
 
 def _encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Codes of per-entry weights ``w [N, C]`` on per-entry grids (float, not yet uint8)."""
-    maxq = (2.0 ** bits.float() - 1)[:, None]
-    asym = (torch.round(w / scale) + zero).clamp(min=0).minimum(maxq)
-    return torch.where((bits == 1)[:, None], (w >= 0).float(), asym)
+    return _codes(w, scale, zero, (2.0 ** bits.float() - 1)[:, None], (bits == 1)[:, None])
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor, sign: torch.Tensor
+           ) -> torch.Tensor:
+    """Codes of ``w`` on grids given per entry (``maxq = 2^b − 1``, ``sign``: 1-bit entries; all broadcastable)."""
+    asym = torch.div(w, scale).round_().add_(zero).clamp_(min=0)
+    return torch.where(sign, (w >= 0).float(), torch.minimum(asym, maxq))
+
+
+def _values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Represented values of codes ``q``: ``(q − z)·s``, or ``(2q − 1)·s`` where ``sign`` (1 bit)."""
+    return torch.where(sign, 2 * q - 1, q - zero).mul_(scale)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,28 +207,54 @@ def rtn(weight: torch.Tensor, bits: torch.Tensor | int, group_size: int = 128) -
 
 
 # ---- GPTQ ---------------------------------------------------------------------------------
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)^-1`` with ``λ = damp · mean(diag H)`` (float64).
+GPTQ_CHUNK_BYTES = 512 * 2**20
+"""Float64 working set allowed for one :func:`gptq_batched` call (see :func:`gptq_chunk_size`).
 
-    Inputs never seen (zero diagonal) get a unit diagonal, so their weights are simply
-    rounded. If the damped Hessian is still not positive definite, damping grows tenfold
-    (up to 4 times) before giving up with an error.
+Callers quantize many experts in chunks of this size, so memory stays bounded by one chunk
+instead of growing with the number of experts."""
+
+_BLOCK = 128  # columns per block (grids of axis="in" and act-order are fitted per block)
+_SUB_BLOCK = 16  # columns inside a block that exchange feedback one by one (then one GEMM per sub-block)
+
+
+def gptq_chunk_size(rows: int, cols: int) -> int:
+    """How many ``[rows, cols]`` matrices one :func:`gptq_batched` call may take within :data:`GPTQ_CHUNK_BYTES`.
+
+    Counted per matrix: three float64 ``[cols, cols]`` copies of its Hessian while it is
+    factored and two float64 ``[rows, cols]`` buffers (block values, rounding errors). At least 1.
     """
-    h = hessian.double().clone()
-    dead = torch.diagonal(h) <= 0
-    h[dead, dead] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = torch.diagonal(h).mean()
-    for attempt in range(5):
-        chol, info = torch.linalg.cholesky_ex(h + damp * (10**attempt) * mean_diag * eye)
-        if int(info) == 0:
-            inv = torch.cholesky_solve(eye, chol)  # faster than cholesky_inverse on CPU builds
-            factor, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                return factor
+    return max(1, GPTQ_CHUNK_BYTES // (8 * (3 * cols * cols + 2 * rows * cols)))
+
+
+def _reverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper triangular ``M [B, C, C]`` (float64) with ``H + λI = M Mᵀ`` for damped Hessians ``H [B, C, C]``.
+
+    GPTQ spreads rounding errors through ``U``, the upper Cholesky factor of ``(H + λI)^-1``;
+    ``U = M^-1``, so ``M`` carries the same information at the cost of one Cholesky
+    factorization (of the Hessian with rows and columns reversed) and no inverse; see
+    :func:`gptq_batched` for how it is used.
+
+    ``λ = damp · mean(diag H)``. Inputs never seen (zero diagonal) get a unit diagonal, so
+    their weights are simply rounded. Each Hessian that is still not positive definite gets
+    tenfold damping, on its own, up to 4 times before an error.
+    """
+    h = hessian.to(torch.float64).flip(-2, -1)
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    undamped = diag.masked_fill(diag <= 0, 1.0)
+    mean_diag = undamped.mean(-1)
+    diag.copy_(undamped + (damp * mean_diag)[:, None])
+    lower, info = torch.linalg.cholesky_ex(h)
+    for attempt in range(1, 5):
+        failed = torch.nonzero(info).flatten()
+        if failed.numel() == 0:
+            return lower.flip(-2, -1)
+        diag[failed] = undamped[failed] + (damp * 10**attempt * mean_diag[failed])[:, None]
+        lower[failed], info[failed] = torch.linalg.cholesky_ex(h[failed])
+    if bool((info == 0).all()):
+        return lower.flip(-2, -1)
     raise ValueError(
-        "GPTQ: the Hessian is not positive definite even with 10000x damping; it likely holds NaN/inf "
-        "(check the calibration inputs) — or use quantizer='rtn'."
+        f"GPTQ: the Hessian of matrix {torch.nonzero(info).flatten().tolist()} of this batch is not positive definite "
+        "even with 10000x damping; it likely holds NaN/inf (check the calibration inputs) — or use quantizer='rtn'."
     )
 
 
@@ -222,122 +262,189 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: torch.Tensor | int, 
          axis: str = "out", damp: float = 0.01, act_order: bool = False) -> QuantizedRows:
     """GPTQ quantization of a linear layer's ``weight [out, in]`` given ``hessian = Σ x xᵀ [in, in]``.
 
-    Columns (inputs) are quantized one at a time and each column's rounding error is
-    spread over the not-yet-quantized columns through the inverse Hessian (Frantar et al.,
-    2023). ``axis`` says which side carries the bit-widths and grids:
-
-    * ``"out"``: rows of ``weight`` are quantized rows (``bits [out]``, groups along the
-      input dimension) — the standard GPTQ layout. Returns rows of ``weight``.
-    * ``"in"``: columns are quantized rows (``bits [in]``, groups along the output
-      dimension), e.g. a down projection whose micro-experts are its columns. Each column's
-      grid is computed from its error-updated values right before it is rounded. Returns
-      rows of ``weight.T``.
-
-    ``act_order`` processes inputs by decreasing Hessian diagonal; with ``axis="out"`` the
-    group grids are then fixed up front from the original weights (static groups), so the
-    stored layout stays in natural order.
+    ``bits``: one int, or one per quantized row (``[out]`` with ``axis="out"``, ``[in]`` with
+    ``"in"``). The one-matrix case of :func:`gptq_batched`, which documents the algorithm.
     """
-    if axis not in ("out", "in"):
-        raise ValueError(f"axis must be 'out' (bits per output row) or 'in' (bits per input column), got {axis!r}.")
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"gptq needs weight [out, in] and hessian [in, in]; got {tuple(weight.shape)} and "
                          f"{tuple(hessian.shape)}.")
+    _check_axis(axis)
+    bits = _per_row(bits, weight.shape[0] if axis == "out" else weight.shape[1], weight.device)
+    return gptq_batched(weight[None], hessian[None], bits[None], group_size, axis=axis, damp=damp,
+                        act_order=act_order)[0]
+
+
+def _check_axis(axis: str) -> None:
+    if axis not in ("out", "in"):
+        raise ValueError(f"axis must be 'out' (bits per output row) or 'in' (bits per input column), got {axis!r}.")
+
+
+def gptq_batched(weight: torch.Tensor, hessian: torch.Tensor, bits: torch.Tensor, group_size: int = 128, *,
+                 axis: str = "out", damp: float = 0.01, act_order: bool = False) -> list[QuantizedRows]:
+    """GPTQ of ``B`` linear layers at once: ``weight [B, out, in]``, ``hessian = Σ x xᵀ [B, in, in]``.
+
+    Every matrix is quantized exactly as on its own (its own Hessian, damping, order and
+    grids); batching turns the per-column work into a few batched ops over all ``B``
+    matrices. Columns (inputs) are quantized one at a time and each column's rounding error
+    is spread over the not-yet-quantized columns through ``U``, the upper Cholesky factor of
+    ``(H + λI)^-1`` (Frantar et al., 2023): column ``j`` is rounded to ``q_j`` and its scaled
+    error ``e_j = (w_j − q_j) / U_jj`` is subtracted as ``e_j U_jk`` from every later column
+    ``k``. Columns are processed in blocks: inside a block this runs column by column on the
+    block's own ``U`` entries; the feedback of all earlier columns reaches a block at its
+    start in two GEMMs. With ``M = U^-1`` (:func:`_reverse_cholesky`), the columns quantized
+    so far satisfy ``W − Q = E U``, and their feedback ``−E U[:, block]`` equals
+    ``(W − Q) M[:, block] · M[block, block]^-1``: only ``M``, ``W − Q`` and the inverse of each
+    block's own triangle are needed, never a full inverse.
+    ``axis`` says which side carries bit-widths and grids:
+
+    * ``"out"``: rows of ``weight`` are quantized rows (``bits [B, out]``, groups along the
+      input dimension) — the standard GPTQ layout; blocks are the groups, whose grids are
+      fitted on their error-updated values. Returns rows of ``weight[b]``.
+    * ``"in"``: columns are quantized rows (``bits [B, in]``, groups along the output
+      dimension), e.g. a down projection whose micro-experts are its columns. Each column's
+      grid is fitted on its values at the start of its block (after the feedback of earlier
+      blocks); rounding then uses its fully updated values. Returns rows of ``weight[b].T``.
+
+    ``act_order`` processes each matrix's inputs by decreasing Hessian diagonal; with
+    ``axis="out"`` the group grids are then fixed up front from the original weights
+    (static groups), so the stored layout stays in natural order.
+
+    Memory: float64 copies of the Hessians and weights (:func:`gptq_chunk_size` says how many
+    matrices fit :data:`GPTQ_CHUNK_BYTES`).
+    """
+    _check_axis(axis)
+    if weight.dim() != 3 or hessian.shape != (weight.shape[0], weight.shape[2], weight.shape[2]):
+        raise ValueError(f"gptq_batched needs weight [B, out, in] and hessian [B, in, in]; got "
+                         f"{tuple(weight.shape)} and {tuple(hessian.shape)}.")
     if not 0 < damp:
         raise ValueError(f"damp must be positive (fraction of the mean Hessian diagonal), got {damp}.")
-    rows, cols = weight.shape
-    bits = _per_row(bits, rows if axis == "out" else cols, weight.device)
+    n_mat, rows, cols = weight.shape
+    bits = check_bits(bits).to(weight.device)
+    expected = (n_mat, rows if axis == "out" else cols)
+    if bits.shape != expected:
+        raise ValueError(f"bits must have one value per quantized row of each matrix, [B, {axis}] = {list(expected)} "
+                         f"with axis={axis!r}; got {list(bits.shape)}.")
+    w = weight.detach()
     h = hessian.to(weight.device)
-    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols, device=h.device)
-    w = weight.detach().double()[:, order].clone()
-    factor = _inverse_hessian_factor(h[order][:, order], damp)
-    if axis == "out":
-        quantize_col: _RowGrids | _ColumnGrids = _RowGrids(weight, bits, group_size, order, act_order)
-    else:
-        quantize_col = _ColumnGrids(bits, group_size, order, rows)
-    block = quantize_col.block if axis == "out" and not act_order else 128
+    order = None
+    if act_order:
+        order = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+        h = h.gather(1, order[:, :, None].expand_as(h)).gather(2, order[:, None, :].expand_as(h))
+        w = w.gather(2, order[:, None, :].expand_as(w))
+    m = _reverse_cholesky(h, damp)
+    grids: _RowGrids | _ColumnGrids = (_RowGrids(weight.detach(), bits, group_size, order) if axis == "out"
+                                       else _ColumnGrids(bits, group_size, order, rows))
+    block = grids.gs if axis == "out" and order is None else _BLOCK
+    eye = torch.eye(block, dtype=torch.float64, device=w.device)
+    codes = torch.empty(n_mat, rows, cols, dtype=torch.uint8, device=w.device)
+    diff = torch.empty(n_mat, rows, cols, dtype=torch.float64, device=w.device)  # W − Q, in processing order
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        err = torch.zeros_like(w1)
-        f1 = factor[i1:i2, i1:i2]
-        quantize_col.start_block(i1, w1)
-        for i in range(i2 - i1):
-            q = quantize_col(i1 + i, w1[:, i].float()).double()
-            e = (w1[:, i] - q) / f1[i, i]
-            w1[:, i:] -= e[:, None] * f1[i, i:][None]
-            err[:, i] = e
-        w[:, i2:] -= err @ factor[i1:i2, i2:]
-    return quantize_col.result()
+        width = i2 - i1
+        u = torch.linalg.solve_triangular(m[:, i1:i2, i1:i2], eye[:width, :width].expand(n_mat, -1, -1), upper=True)
+        original = w[:, :, i1:i2].double()
+        values = original.clone()  # the block after the feedback of all earlier columns
+        if i1:
+            values.baddbmm_(torch.bmm(diff[:, :, :i1], m[:, :i1, i1:i2]), u)
+        scale, zero, maxq, sign = grids.start_block(i1, values)
+        rounded = torch.empty(n_mat, rows, width, device=w.device)
+        errors = torch.empty_like(values)  # e of the block's columns
+        for s1 in range(0, width, _SUB_BLOCK):  # feedback inside a block: column by column within sub-blocks
+            s2 = min(s1 + _SUB_BLOCK, width)
+            for k in range(s1, s2):
+                s, z, one_bit = scale[:, :, k], zero[:, :, k], sign[:, :, k]
+                q = _codes(values[:, :, k].float(), s, z, maxq[:, :, k], one_bit)
+                codes[:, :, i1 + k] = q
+                rounded[:, :, k] = _values(q, s, z, one_bit)
+                errors[:, :, k] = (values[:, :, k] - rounded[:, :, k]).div_(u[:, k, k:k + 1])
+                values[:, :, k + 1:s2] -= errors[:, :, k, None] * u[:, None, k, k + 1:s2]
+            values[:, :, s2:].baddbmm_(errors[:, :, s1:s2], u[:, s1:s2, s2:], alpha=-1)  # and between them
+        diff[:, :, i1:i2] = original - rounded
+    return grids.result(codes)
+
+
+def _unpermute(t: torch.Tensor, order: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Entries of ``t`` kept along ``dim`` in processing ``order [B, n]`` put back in natural order."""
+    if order is None:
+        return t.contiguous()
+    shape = [order.shape[0]] + [1] * (t.dim() - 1)
+    shape[dim] = order.shape[1]
+    return torch.empty_like(t).scatter_(dim, order.reshape(shape).expand_as(t), t)
 
 
 class _RowGrids:
-    """GPTQ column quantizer for ``axis="out"``: one grid per (row, group of input columns)."""
+    """GPTQ grids for ``axis="out"``: one grid per (row, group of input columns).
 
-    def __init__(self, weight: torch.Tensor, bits: torch.Tensor, group_size: int, order: torch.Tensor, static: bool):
-        rows, cols = weight.shape
+    Without act-order, blocks are the groups and a group's grid is fitted on its values at
+    the block start; with act-order (``order`` given) the grids are static, fitted up front.
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: torch.Tensor, group_size: int, order: torch.Tensor | None):
+        n_mat, rows, cols = weight.shape
         self.gs = effective_group_size(group_size, cols)
-        self.block = self.gs
-        self.bits, self.order, self.static = bits, order, static
-        groups = -(-cols // self.gs)
-        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=weight.device)
-        self.scale = torch.zeros(rows, groups, device=weight.device)
-        self.zero = torch.zeros(rows, groups, device=weight.device)
-        if static:
-            start = rtn(weight, bits, self.gs)
-            self.scale, self.zero = start.scale.float(), start.zero.float()
+        self.bits, self.order = bits, order
+        self.maxq = (2.0 ** bits.float() - 1)[:, :, None]
+        self.sign = (bits == 1)[:, :, None]
+        if order is None:
+            groups = -(-cols // self.gs)
+            self.scale = torch.zeros(n_mat, rows, groups, device=weight.device)
+            self.zero = torch.zeros(n_mat, rows, groups, device=weight.device)
+        else:
+            start = rtn(weight.reshape(n_mat * rows, cols), bits.reshape(-1), self.gs)
+            self.scale = start.scale.float().reshape(n_mat, rows, -1)
+            self.zero = start.zero.float().reshape(n_mat, rows, -1)
+            index = order[:, None, :].expand(n_mat, rows, cols)  # per-entry grids in processing order
+            self.entry_scale = _expand(self.scale.flatten(0, 1), self.gs, cols).reshape(n_mat, rows, cols).gather(2, index)
+            self.entry_zero = _expand(self.zero.flatten(0, 1), self.gs, cols).reshape(n_mat, rows, cols).gather(2, index)
 
-    def start_block(self, i1: int, w1: torch.Tensor) -> None:
-        """Without act-order, blocks are the groups: fit the group's grid on its updated weights."""
-        if not self.static:
-            g = i1 // self.gs
-            grouped, valid = _grouped(w1.float(), w1.shape[1])
-            scale, zero = _grid(grouped, valid, self.bits)
-            self.scale[:, g], self.zero[:, g] = scale[:, 0], zero[:, 0]
+    def start_block(self, i1: int, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-entry ``scale, zero, maxq, sign`` of the block whose (updated) values are ``values [B, R, w]``."""
+        n_mat, rows, width = values.shape
+        if self.order is None:
+            grouped, valid = _grouped(values.float().reshape(n_mat * rows, width), width)
+            scale, zero = (t.reshape(n_mat, rows, 1) for t in _grid(grouped, valid, self.bits.reshape(-1)))
+            self.scale[:, :, i1 // self.gs], self.zero[:, :, i1 // self.gs] = scale[:, :, 0], zero[:, :, 0]
+        else:
+            scale, zero = self.entry_scale[:, :, i1:i1 + width], self.entry_zero[:, :, i1:i1 + width]
+        shape = (n_mat, rows, width)
+        return scale.expand(shape), zero.expand(shape), self.maxq.expand(shape), self.sign.expand(shape)
 
-    def __call__(self, position: int, col: torch.Tensor) -> torch.Tensor:
-        c = int(self.order[position])
-        g = c // self.gs
-        s, z = self.scale[:, g:g + 1], self.zero[:, g:g + 1]
-        q = _encode(col[:, None], s, z, self.bits)
-        self.codes[:, c] = q[:, 0].to(torch.uint8)
-        return torch.where((self.bits == 1)[:, None], (2 * q - 1) * s, (q - z) * s)[:, 0]
-
-    def result(self) -> QuantizedRows:
-        return QuantizedRows(self.codes, self.scale.to(SCALE_DTYPE), self.zero.to(torch.uint8), self.bits, self.gs)
+    def result(self, codes: torch.Tensor) -> list[QuantizedRows]:
+        codes = _unpermute(codes, self.order, 2)
+        return [QuantizedRows(codes[b], self.scale[b].to(SCALE_DTYPE), self.zero[b].to(torch.uint8), self.bits[b],
+                              self.gs) for b in range(codes.shape[0])]
 
 
 class _ColumnGrids:
-    """GPTQ column quantizer for ``axis="in"``: each input column is a row with its own grids.
+    """GPTQ grids for ``axis="in"``: each input column is a quantized row with its own grids along the outputs.
 
     A column's grids are fitted on its values at the start of its block (after the error
-    propagation from earlier blocks), like standard GPTQ fits a group's grid at the group's
+    feedback of earlier blocks), like standard GPTQ fits a group's grid at the group's
     first column; rounding then uses the column's fully updated values.
     """
 
-    def __init__(self, bits: torch.Tensor, group_size: int, order: torch.Tensor, length: int):
+    def __init__(self, bits: torch.Tensor, group_size: int, order: torch.Tensor | None, length: int):
         self.bits, self.order, self.length = bits, order, length
         self.gs = effective_group_size(group_size, length)
-        cols, groups = bits.shape[0], -(-length // self.gs)
-        self.codes = torch.zeros(cols, length, dtype=torch.uint8, device=bits.device)
-        self.scale = torch.zeros(cols, groups, device=bits.device)
-        self.zero = torch.zeros(cols, groups, device=bits.device)
-        self._block: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.processed_bits = bits if order is None else bits.gather(1, order)
+        self.maxq = (2.0 ** self.processed_bits.float() - 1)[:, None, :]
+        self.sign = (self.processed_bits == 1)[:, None, :]
+        n_mat, cols = bits.shape
+        self.scale = torch.zeros(n_mat, cols, -(-length // self.gs), device=bits.device)  # in processing order
+        self.zero = torch.zeros_like(self.scale)
 
-    def start_block(self, i1: int, w1: torch.Tensor) -> None:
-        cols = self.order[i1:i1 + w1.shape[1]]
-        grouped, valid = _grouped(w1.t().float(), self.gs)
-        scale, zero = _grid(grouped, valid, self.bits[cols])
-        self.scale[cols], self.zero[cols] = scale, zero
-        self._block = (_expand(scale, self.gs, self.length), _expand(zero, self.gs, self.length), torch.tensor(i1))
+    def start_block(self, i1: int, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n_mat, rows, width = values.shape
+        grouped, valid = _grouped(values.transpose(1, 2).float().reshape(n_mat * width, rows), self.gs)
+        scale, zero = _grid(grouped, valid, self.processed_bits[:, i1:i1 + width].reshape(-1))
+        self.scale[:, i1:i1 + width] = scale.reshape(n_mat, width, -1)
+        self.zero[:, i1:i1 + width] = zero.reshape(n_mat, width, -1)
+        scale, zero = (_expand(t, self.gs, rows).reshape(n_mat, width, rows).transpose(1, 2) for t in (scale, zero))
+        shape = (n_mat, rows, width)
+        return scale, zero, self.maxq[:, :, i1:i1 + width].expand(shape), self.sign[:, :, i1:i1 + width].expand(shape)
 
-    def __call__(self, position: int, col: torch.Tensor) -> torch.Tensor:
-        c = int(self.order[position])
-        scale, zero, i1 = self._block
-        k = position - int(i1)
-        s, z, bits = scale[k:k + 1], zero[k:k + 1], self.bits[c:c + 1]
-        q = _encode(col[None], s, z, bits)
-        self.codes[c] = q[0].to(torch.uint8)
-        return torch.where((bits == 1)[:, None], (2 * q - 1) * s, (q - z) * s)[0]
-
-    def result(self) -> QuantizedRows:
-        return QuantizedRows(self.codes, self.scale.to(SCALE_DTYPE), self.zero.to(torch.uint8), self.bits, self.gs)
+    def result(self, codes: torch.Tensor) -> list[QuantizedRows]:
+        codes = _unpermute(codes.transpose(1, 2), self.order, 1)
+        scale, zero = (_unpermute(t, self.order, 1) for t in (self.scale, self.zero))
+        return [QuantizedRows(codes[b], scale[b].to(SCALE_DTYPE), zero[b].to(torch.uint8), self.bits[b], self.gs)
+                for b in range(codes.shape[0])]
