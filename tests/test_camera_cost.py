@@ -78,6 +78,7 @@ def test_output_cost_spends_the_budget_and_needs_calibration():
     (dict(method="matrix", avg_bits=2.5, cost="output"), "applies to method='camera' with avg_bits"),
     (dict(method="camera", cost="output"), "applies to method='camera' with avg_bits"),
     (dict(method="camera", avg_bits=2.5, cost="measured"), "cost"),
+    (dict(method="channel", avg_bits=2.5, cost="proxy"), "applies to method='camera' with avg_bits"),
 ])
 def test_output_cost_config_errors(options, message):
     with pytest.raises(ValueError, match=message):
@@ -85,5 +86,21 @@ def test_output_cost_config_errors(options, message):
 
 
 def test_needs_calibration_follows_the_cost():
-    assert not QuantizeConfig(method="camera", avg_bits=2.5).needs_calibration
+    assert not QuantizeConfig(method="camera", avg_bits=2.5).needs_calibration  # auto: measures if data is given
     assert QuantizeConfig(method="camera", avg_bits=2.5, cost="output").needs_calibration
+
+
+def test_auto_cost_measures_whenever_calibration_data_is_given():
+    from camera_pl import allocate
+
+    model = tiny_moe("qwen3_moe")
+    stats = collect_stats(model, CALIB)
+
+    def bits(**options):
+        return {i: b.up for i, b in allocate(model, stats, method="camera", avg_bits=2.5, **options).items()}
+
+    proxy, output = bits(cost="proxy"), bits(cost="output", calib_dataloader=CALIB)
+    assert all(torch.equal(a, b) for a, b in zip(bits().values(), proxy.values()))
+    auto = bits(calib_dataloader=CALIB)
+    assert all(torch.equal(a, b) for a, b in zip(auto.values(), output.values()))
+    assert any(not torch.equal(a, b) for a, b in zip(proxy.values(), output.values()))

@@ -181,7 +181,8 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     was_training = model.training
     model.eval()
     reports = []
-    calibrated = config.quantizer == "gptq" or (allocation is None and config.needs_inputs)
+    calibrated = config.quantizer == "gptq" or (allocation is None and (
+        config.needs_inputs or config.measures_output(calib_dataloader is not None)))
 
     def quantize_one(layer, inputs) -> None:
         with torch.no_grad():
@@ -229,7 +230,8 @@ def allocate(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     _check_pmq_budget(layers, config)
     scores, energy = _scores(model, stats, config)
     out = {}
-    if offload is not None and config.needs_inputs:
+    measured = config.needs_inputs or config.measures_output(calib_dataloader is not None)
+    if offload is not None and measured:
         for step in LayerByLayer(model, calib_dataloader, offload, config.max_calib_tokens):
             if step.moe is not None:
                 with torch.no_grad():
@@ -239,7 +241,7 @@ def allocate(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
         return out
     for layer in layers:
         inputs = None
-        if config.needs_inputs:
+        if measured:
             inputs = capture_layer_inputs(model, layer, calib_dataloader, config.max_calib_tokens)
         with torch.no_grad():
             out[layer.index] = _allocate(layer, config, stats, scores, energy, inputs)

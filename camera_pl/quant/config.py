@@ -11,7 +11,7 @@ from camera_pl.quant.quantizers import MAX_BITS, MIN_BITS
 from camera_pl.stats.scores import score_methods
 
 QUANTIZERS = ("rtn", "gptq")
-COSTS = ("proxy", "output")
+COSTS = ("auto", "proxy", "output")
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,11 @@ class QuantizeConfig(Config):
         pack: replace the experts by bit-packed ones (else write the dequantized weights back).
         bit_choices: bit-widths the budgeted allocations may use (PMQ uses MC's 1/2/3).
         cost: what ``method="camera"`` with ``avg_bits`` minimises: ``"proxy"`` (score × relative
-            RTN error of each micro-expert's rows; statistics only) or ``"output"`` (each
+            RTN error of each micro-expert's rows; statistics only), ``"output"`` (each
             micro-expert's measured error in the layer output on calibration tokens; needs
-            ``calib_dataloader``, sequential like GPTQ).
+            ``calib_dataloader``, sequential like GPTQ) or ``"auto"`` (the default: ``output``
+            whenever calibration data is at hand — GPTQ, or a ``calib_dataloader`` given —
+            else ``proxy``).
         reduce_ratio: the CAMERA score's peak/total energy mix.
         score: the micro-expert importance ``method="camera"`` ranks (rank groups) or weighs (budget)
             by: ``camera`` or another micro-level score of ``camera_pl.score_methods("micro")``, e.g.
@@ -53,7 +55,7 @@ class QuantizeConfig(Config):
     group_size: int = 128
     pack: bool = True
     bit_choices: tuple[int, ...] = DEFAULT_CHOICES
-    cost: str = "proxy"
+    cost: str = "auto"
     reduce_ratio: float = 0.9
     score: str = "camera"
     damp: float = 0.01
@@ -74,7 +76,7 @@ class QuantizeConfig(Config):
         self._choice("method", BIT_ALLOCATIONS)
         self._choice("quantizer", QUANTIZERS)
         self._choice("cost", COSTS)
-        if self.cost != "proxy" and (self.method != "camera" or self.avg_bits is None):
+        if self.cost != "auto" and (self.method != "camera" or self.avg_bits is None):
             self._fail("cost", "a measured cost applies to method='camera' with avg_bits (a budget to spend); "
                                "rank groups and the other methods have their own costs.")
         self._number("group_size", 1, integer=True)
@@ -137,6 +139,11 @@ class QuantizeConfig(Config):
     def needs_inputs(self) -> bool:
         """The bit allocation measures output errors on calibration inputs (PMQ, CAMERA-Q's output cost)."""
         return BIT_ALLOCATIONS[self.method].needs_inputs or self.cost == "output"
+
+    def measures_output(self, calibrated: bool) -> bool:
+        """Whether CAMERA-Q's budget follows measured output errors, given whether calibration data is at hand."""
+        budgeted = self.method == "camera" and self.avg_bits is not None
+        return budgeted and (self.cost == "output" or (self.cost == "auto" and calibrated))
 
     @property
     def needs_calibration(self) -> bool:

@@ -31,6 +31,8 @@ class BitOptions(Protocol):
     pmq_exponents: tuple[float, float, float]
     cost: str
 
+    def measures_output(self, calibrated: bool) -> bool: ...
+
 
 @dataclass
 class AllocationContext:
@@ -184,14 +186,15 @@ def camera_allocation(ctx: AllocationContext) -> LayerBits:
 
     The budget is spent by the cost ``ctx.config.cost`` names: ``proxy`` (score × relative RTN
     error of the micro-expert's rows, from statistics alone) or ``output`` (its measured output
-    error on calibration tokens, :func:`micro_output_errors`).
+    error on calibration tokens, :func:`micro_output_errors`); ``auto`` measures whenever the
+    layer's calibration inputs were captured.
     """
     layer, score, avg_bits = ctx.layer, ctx.score, ctx.config.avg_bits
     groups, choices, group_size = ctx.config.rank_groups, ctx.config.bit_choices, ctx.config.group_size
     if avg_bits is None:
         bits = rank_groups(score.cpu(), groups)
     else:
-        if ctx.config.cost == "output":
+        if ctx.config.measures_output(ctx.inputs is not None):
             cost = micro_output_errors(layer, ctx.inputs, choices, group_size)
         else:
             cost = score.cpu().double()[..., None] * sum(_relative_errors(layer, choices, group_size).values())
