@@ -30,6 +30,18 @@ from camera_pl.arch.adapters import MoELayer, decoder_stack, moe_layers, outer_m
 from camera_pl.config import Config
 
 
+def calibration_batches(dataloader: Iterable, device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, bool attention mask)`` of each calibration batch on ``device``; batches must be dicts with
+    ``input_ids`` (a missing mask means no padding)."""
+    for batch in dataloader:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError("Calibration batches must be dicts with 'input_ids' (and optional "
+                            f"'attention_mask'); got {type(batch).__name__}.")
+        ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask")
+        yield ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+
+
 @dataclass(frozen=True)
 class OffloadConfig(Config):
     """Where layer-by-layer execution runs.
@@ -221,13 +233,7 @@ class LayerByLayer:
         _place(outer, device)
         try:
             with torch.no_grad():
-                for batch in dataloader:
-                    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-                        raise TypeError("Calibration batches must be dicts with 'input_ids' (and optional "
-                                        f"'attention_mask'); got {type(batch).__name__}.")
-                    ids = batch["input_ids"].to(device)
-                    mask = batch.get("attention_mask")
-                    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+                for ids, mask in calibration_batches(dataloader, device):
                     calls.clear()
                     try:
                         self.model(input_ids=ids, attention_mask=mask.long(), use_cache=False)

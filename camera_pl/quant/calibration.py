@@ -13,13 +13,13 @@ the same from the cached batches of a layer-by-layer run (:mod:`camera_pl.offloa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from camera_pl.arch.adapters import MoELayer
-from camera_pl.offload import LayerStep
+from camera_pl.offload import LayerStep, calibration_batches
 
 
 @dataclass
@@ -71,13 +71,7 @@ def capture_layer_inputs(model: nn.Module, layer: MoELayer, dataloader: Iterable
     tokens = 0
     try:
         with torch.no_grad():
-            for batch in dataloader:
-                if not isinstance(batch, Mapping) or "input_ids" not in batch:
-                    raise TypeError("Calibration batches must be dicts with 'input_ids' (and optional "
-                                    f"'attention_mask'); got {type(batch).__name__}.")
-                ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                capture.mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+            for ids, capture.mask in calibration_batches(dataloader, device):
                 try:
                     model(input_ids=ids, attention_mask=capture.mask.long(), use_cache=False)
                 except _Captured:
