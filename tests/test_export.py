@@ -24,7 +24,7 @@ def _load_and_compare(model, path, **load_options):
         got = loaded(x).logits
     layer = moe_layers(loaded)[0]
     assert layer.experts.kind == "fused"  # the loader fused the per-expert tensors into transformers' experts
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # other kernels: ~1e-6 apart
     return loaded
 
 
