@@ -152,14 +152,82 @@ def test_odp_drops_slots_and_restores_the_block():
     handle.remove()
 
 
+def brute_force_logits(model, kept: dict[int, list[int]], batch=BATCHES[0]) -> torch.Tensor:
+    """``model``'s logits with each MoE block recomputed token by token from its weights, routing over experts ``kept``
+    only: their router rows, a softmax over those, top-k, the top-k weights as they are (DeepSeek-MoE v1 does not
+    renormalise them), plus the shared expert."""
+    model = copy.deepcopy(model)
+    for layer in moe_layers(model):
+        block, keep = layer.block, kept[layer.index]
+
+        def forward(x, block=block, keep=keep):
+            flat = x.reshape(-1, x.shape[-1])
+            weights, slots = torch.softmax(flat @ block.gate.weight[keep].T, dim=-1).topk(block.gate.top_k, dim=-1)
+            out = block.shared_experts(flat)
+            for t in range(flat.shape[0]):
+                for w, s in zip(weights[t], slots[t]):
+                    out[t] += w * block.experts[keep[int(s)]](flat[t])
+            return out.view(x.shape)
+
+        block.forward = forward
+    return logits(model, batch)
+
+
+@pytest.mark.parametrize("method", ["frequency", "reap", "ean", "naee"])
+def test_expert_level_removal_matches_brute_force_and_loads_with_the_models_own_class(method, tmp_path):
+    model = tiny_deepseek_v1()
+    original = copy.deepcopy(model)
+    report = prune(model, collect_stats(model, BATCHES), 0.25, method=method, calib_dataloader=BATCHES)
+    kept = {r.index: [e for e in range(8) if e not in r.experts_removed] for r in report.layers}
+    assert all(len(k) == 6 for k in kept.values()) and model.config.n_routed_experts == 6
+    for layer, ref in zip(moe_layers(model), moe_layers(original)):
+        assert len(layer.block.experts) == 6 and layer.router.n_routed_experts == 6
+        assert torch.equal(layer.router.weight, ref.router.weight[kept[layer.index]])
+        for new, e in zip(layer.block.experts, kept[layer.index]):  # the kept experts, untouched, in order
+            assert torch.equal(new.down_proj.weight, ref.block.experts[e].down_proj.weight)
+    assert own_forward(model)
+    expected = brute_force_logits(original, kept)
+    assert not torch.allclose(expected, logits(original))
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    camera_pl.save(model, tmp_path / "m")
+    assert torch.equal(logits(DeepseekForCausalLM.from_pretrained(tmp_path / "m")), logits(model))
+    assert torch.equal(logits(camera_pl.load(tmp_path / "m")), logits(model))
+
+
+def test_micro_pruning_with_expert_removal_drops_emptied_experts(tmp_path):
+    model = tiny_deepseek_v1()
+    original = copy.deepcopy(model)
+    report = prune(model, collect_stats(model, BATCHES), 0.85, allocation="layer", allow_expert_removal=True)
+    removed = {r.index: r.experts_removed for r in report.layers}
+    assert any(removed.values())  # the chosen ratio empties some experts of this model
+    kept = {i: [e for e in range(8) if e not in r] for i, r in removed.items()}
+    zeroed = copy.deepcopy(original)  # the pruned micro-experts zeroed in the original, routing over the kept experts
+    for layer, ref, zero in zip(moe_layers(model), moe_layers(original), moe_layers(zeroed)):
+        assert len(layer.block.experts) == len(kept[layer.index]) == layer.router.weight.shape[0]
+        present = torch.zeros(8, 16, dtype=torch.bool)
+        present[kept[layer.index]] = layer.experts.present_mask()
+        shared_drop = torch.ones(ref.shared_intermediate_size, dtype=torch.bool)
+        shared_drop[_shared_kept(ref.shared, layer.shared)] = False
+        with torch.no_grad():
+            for e, mlp in enumerate(zero.block.experts):
+                mlp.down_proj.weight[:, ~present[e]] = 0
+            zero.shared.down_proj.weight[:, shared_drop] = 0
+    torch.testing.assert_close(logits(model), brute_force_logits(zeroed, kept), rtol=0, atol=1e-5)
+    loaded = camera_pl.load(camera_pl.save(model, tmp_path / "m"))
+    assert type(loaded) is DeepseekForCausalLM and torch.equal(logits(loaded), logits(model))
+    for a, b in zip(moe_layers(model), moe_layers(loaded)):
+        assert a.num_experts == b.num_experts and torch.equal(a.experts.present_mask(), b.experts.present_mask())
+
+
 def test_bad_inputs_have_clear_errors():
     model = tiny_deepseek_v1()
     stats = collect_stats(model, BATCHES)
-    with pytest.raises(ValueError, match="list of MLPs"):
-        prune(model, stats, 0.25, method="frequency")
-    with pytest.raises(ValueError, match="list of MLPs"):
-        prune(model, stats, 0.4, allocation="layer", allow_expert_removal=True)
+    with pytest.raises(ValueError, match="fewer than top_k=2"):
+        prune(model, stats, 0.9, method="frequency")
+    with pytest.raises(ValueError, match="kept must list ascending"):
+        moe_layers(model)[0].experts.keep_experts([3, 1])
     assert own_forward(model) and all(layer.experts.full_width for layer in moe_layers(model))
+    assert all(layer.num_experts == 8 for layer in moe_layers(model))
     with pytest.raises(ValueError, match="keep has shape"):
         moe_layers(model)[0].experts.keep(torch.ones(8, 15, dtype=torch.bool))
     biased = nn.ModuleList([copy.deepcopy(model.model.layers[1].mlp.experts[0])])

@@ -124,6 +124,15 @@ class ModuleListExperts(WritesInPlace, Experts):
             mlp.register_buffer(CHANNELS, present[local].clone(), persistent=False)
         setattr(self._module, ORIGINAL_WIDTH, self.intermediate_size)
 
+    def keep_experts(self, kept: list[int]) -> None:
+        """Remove every expert MLP not in ``kept`` (ascending ids) from the list, in place; the rest renumber."""
+        if sorted(set(kept)) != list(kept) or not kept or kept[0] < 0 or kept[-1] >= self.num_experts:
+            raise ValueError(f"kept must list ascending expert ids in [0, {self.num_experts}); got {kept}.")
+        for e in reversed(range(self.num_experts)):
+            if e not in kept:
+                del self._module[e]
+        self.num_experts = len(self._module)
+
     def kept_hex(self) -> list[str] | None:
         """Each expert's kept micro-experts as a hex bit mask over the original width; None before any pruning."""
         if self.full_width and not any(hasattr(m, CHANNELS) for m in self._module):
