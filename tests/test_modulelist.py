@@ -14,6 +14,8 @@ from torch import nn
 import camera_pl
 from camera_pl import apply_odp, collect_stats, compress_experts, moe_layers, prune, quantize
 from camera_pl.experts.base import as_experts
+from camera_pl.lightning.module import CausalLMModule
+from camera_pl.lora import LoRAConfig, add_lora, expert_module_targets, merge_lora
 from camera_pl.stats.observation import observe
 
 from conftest import make_batch
@@ -228,6 +230,9 @@ def test_bad_inputs_have_clear_errors():
         moe_layers(model)[0].experts.keep_experts([3, 1])
     assert own_forward(model) and all(layer.experts.full_width for layer in moe_layers(model))
     assert all(layer.num_experts == 8 for layer in moe_layers(model))
+    adapted = moe_layers(add_lora(model, LoRAConfig(rank=2)))[0].experts
+    with pytest.raises(TypeError, match="merge the adapters"):
+        adapted.keep(torch.ones(8, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="keep has shape"):
         moe_layers(model)[0].experts.keep(torch.ones(8, 15, dtype=torch.bool))
     biased = nn.ModuleList([copy.deepcopy(model.model.layers[1].mlp.experts[0])])
@@ -240,11 +245,80 @@ def test_prune_quantize_recover_save_load(tmp_path):
     model = tiny_deepseek_v1()
     prune(model, collect_stats(model, BATCHES), 0.4, allocation="layer")
     quantize(model, collect_stats(model, BATCHES), avg_bits=2.5, group_size=16)
+    with pytest.raises(TypeError, match="quantized experts, which LoRA cannot adapt"):
+        add_lora(copy.deepcopy(model), LoRAConfig(rank=2))
+    codes = {n: t.clone() for n, t in model.state_dict().items() if ".mlp.experts." in n}
     before = logits(model)
-    model = camera_pl.recover(model, BATCHES, steps=2, lr=1e-3, rank=2, experts=False, accelerator="cpu")
+    with pytest.warns(UserWarning, match="adapting attention only"):  # experts=True (the default) falls back
+        model = camera_pl.recover(model, BATCHES, steps=2, lr=1e-3, rank=2, accelerator="cpu")
     after = logits(model)
     assert not torch.equal(before, after)  # attention adapters were trained and merged
+    assert all(torch.equal(t, codes[n]) for n, t in model.state_dict().items() if n in codes)
     assert torch.equal(logits(camera_pl.load(camera_pl.save(model, tmp_path / "m"))), after)
+
+
+def _adapted_linears(model) -> set[str]:
+    return {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith("lora_A")}
+
+
+def _randomise_adapters(peft_model) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained adapter, not the zero init
+
+
+def test_lora_adapts_every_listed_expert_and_merges_exactly(tmp_path):
+    model = tiny_deepseek_v1()
+    prune(model, collect_stats(model, BATCHES), 0.4, allocation="layer", allow_expert_removal=True)
+    widths = {layer.index: layer.experts.widths().tolist() for layer in moe_layers(model)}
+    assert expert_module_targets(model) == sorted(f"experts.{e}.{p}" for e in range(max(map(len, widths.values())))
+                                                  for p in ("gate_proj", "up_proj", "down_proj"))
+    plain = logits(model)
+    peft_model = add_lora(model, LoRAConfig(rank=2))
+    adapted = _adapted_linears(peft_model)
+    expected = {f"base_model.model.model.layers.{i}.mlp.experts.{e}.{p}" for i, w in widths.items()
+                for e in range(len(w)) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert {n for n in adapted if ".mlp." in n} == expected  # not the shared experts, not the dense layer's MLP
+    assert {layer.index: layer.experts.widths().tolist() for layer in moe_layers(peft_model)} == widths
+    up = peft_model.base_model.model.model.layers[1].mlp.experts[0].up_proj
+    assert up.lora_B["default"].weight.shape[0] == widths[1][0]  # each adapter at its expert's own width
+    _randomise_adapters(peft_model)
+    with torch.no_grad():
+        with_adapters = peft_model(**BATCHES[0]).logits
+    assert not torch.allclose(with_adapters, plain)
+    merged = merge_lora(peft_model)
+    assert type(merged) is DeepseekForCausalLM and own_forward(merged)
+    torch.testing.assert_close(logits(merged), with_adapters, rtol=0, atol=1e-5)
+    assert torch.equal(logits(camera_pl.load(camera_pl.save(merged, tmp_path / "m"))), logits(merged))
+
+
+def test_recover_trains_the_listed_experts():
+    model = tiny_deepseek_v1()
+    prune(model, collect_stats(model, BATCHES), 0.4, allocation="layer")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_before = CausalLMModule(model)._loss(BATCHES[0]).item()
+    model = camera_pl.recover(model, BATCHES, LoRAConfig(rank=4, steps=20, lr=3e-2), accelerator="cpu")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n for n in changed if ".mlp." in n} == {n for n in before if ".mlp.experts." in n}
+    assert not any("norm" in n or "gate.weight" in n for n in changed)
+    assert CausalLMModule(model)._loss(BATCHES[0]).item() < loss_before - 0.1
+
+
+def test_adapter_saves_with_peft_and_reloads_on_the_compressed_model(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_deepseek_v1()
+    prune(model, collect_stats(model, BATCHES), 0.4, allocation="layer")
+    camera_pl.save(model, tmp_path / "base")
+    peft_model = add_lora(model, LoRAConfig(rank=4))
+    _randomise_adapters(peft_model)
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(camera_pl.load(tmp_path / "base"), tmp_path / "adapter")
+    assert _adapted_linears(reloaded) == _adapted_linears(peft_model)
+    assert torch.equal(logits(reloaded), expected)
 
 
 def test_prune_compress_experts_save_load(tmp_path):
