@@ -6,8 +6,9 @@ tensors of transformers' experts, or the compact ``gate``/``up``/``down`` matric
 camera_pl's ragged experts — a low-rank update of a ragged expert matrix keeps every
 expert's width. Experts kept as a list of MLPs (DeepSeek-MoE v1) have ``nn.Linear``
 projections, which peft adapts as modules (``experts.3.gate_proj``, one adapter per expert
-and projection, at each expert's own width). After training the adapters are merged into the compressed weights
-(``merge=True``) or left in place, unmerged, for inspection or further training.
+and projection, at each expert's own width). After training the adapters are merged into
+the compressed weights (``merge=True``) or left in place, unmerged, for inspection or
+further training.
 """
 
 from __future__ import annotations
