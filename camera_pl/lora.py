@@ -4,8 +4,11 @@ Adapters go on the attention projections (``target_modules``) and on the expert 
 as *parameters* (peft's ``target_parameters``): the fused ``gate_up_proj``/``down_proj``
 tensors of transformers' experts, or the compact ``gate``/``up``/``down`` matrices of
 camera_pl's ragged experts — a low-rank update of a ragged expert matrix keeps every
-expert's width. After training the adapters are merged into the compressed weights
-(``merge=True``) or left in place, unmerged, for inspection or further training.
+expert's width. Experts kept as a list of MLPs (DeepSeek-MoE v1) have ``nn.Linear``
+projections, which peft adapts as modules (``experts.3.gate_proj``, one adapter per expert
+and projection, at each expert's own width). After training the adapters are merged into
+the compressed weights (``merge=True``) or left in place, unmerged, for inspection or
+further training.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class LoRAConfig(Config):
         rank, alpha, dropout: the adapters' rank, scaling numerator and dropout.
         attention_targets: attention projections to adapt; None takes the architecture's
             (``ArchitectureSpec.attention_targets``, e.g. DeepSeek's MLA projections).
-        experts: also adapt the routed experts' weights (fused or pruned experts; quantized
+        experts: also adapt the routed experts' weights (fused, pruned or listed experts; quantized
             experts hold codes and cannot be adapted).
         extra_targets: further module names to adapt.
         steps: training batches of one recovery.
@@ -77,36 +80,49 @@ LoRASettings = LoRAConfig
 """The former name of :class:`LoRAConfig` (kept for one release)."""
 
 
-def expert_parameter_targets(model: nn.Module) -> list[str]:
-    """peft ``target_parameters`` names of the routed experts' weights, for every MoE layer's kind."""
-    names: set[str] = set()
+def _expert_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """peft ``(target_parameters, target_modules)`` names of the routed experts' weights over every MoE layer."""
+    parameters: set[str] = set()
+    modules: set[str] = set()
     for layer in moe_layers(model):
         experts = layer.experts
-        weights = experts.weight_parameters()
-        if not weights:
+        weights, linears = experts.weight_parameters(), experts.weight_modules()
+        if not weights and not linears:
             raise TypeError(
-                f"Layer {layer.index} holds {experts.kind} experts, which LoRA cannot adapt as parameters; "
-                "recover before quantizing or compressing experts, or set experts=False to adapt attention only."
+                f"Layer {layer.index} holds {experts.kind} experts, which LoRA cannot adapt; recover before "
+                "quantizing or compressing experts, or set experts=False to adapt attention only."
             )
-        names.update(f"{layer.spec.experts}.{name}" for name in weights)
-    return sorted(names)
+        parameters.update(f"{layer.spec.experts}.{name}" for name in weights)
+        modules.update(f"{layer.spec.experts}.{name}" for name in linears)  # suffixes: match every MoE layer
+    return sorted(parameters), sorted(modules)
+
+
+def expert_parameter_targets(model: nn.Module) -> list[str]:
+    """peft ``target_parameters`` names of the routed experts' weights kept as parameters (fused, ragged)."""
+    return _expert_targets(model)[0]
+
+
+def expert_module_targets(model: nn.Module) -> list[str]:
+    """peft ``target_modules`` names of the routed experts' weights kept as ``nn.Linear``s (a list of MLPs)."""
+    return _expert_targets(model)[1]
 
 
 def adaptable_experts(model: nn.Module) -> bool:
     """Whether every MoE layer's experts have weights LoRA can adapt."""
-    return all(layer.experts.weight_parameters() for layer in moe_layers(model))
+    return all(layer.experts.weight_parameters() or layer.experts.weight_modules() for layer in moe_layers(model))
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> PeftModel:
     """Wrap ``model`` with trainable LoRA adapters; the base weights are frozen (their flags are remembered)."""
     targets = config.attention_targets or architecture_spec(model).attention_targets
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    parameters, linears = _expert_targets(model) if config.experts else ([], [])
     peft_config = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=[t for t in targets + config.extra_targets if t in present],
-        target_parameters=expert_parameter_targets(model) if config.experts else None,
+        target_modules=[t for t in targets + config.extra_targets if t in present] + linears,
+        target_parameters=parameters or None,
     )
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     wrapped = get_peft_model(model, peft_config)

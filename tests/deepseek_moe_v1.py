@@ -47,8 +47,9 @@ class MoEGate(nn.Module):
     def __init__(self, config: DeepseekConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts  # the real gate sizes its auxiliary loss by it
         self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.randn(config.n_routed_experts, config.hidden_size) * 0.02)
+        self.weight = nn.Parameter(torch.randn(self.n_routed_experts, config.hidden_size) * 0.02)
 
     def forward(self, hidden_states: torch.Tensor):
         h = hidden_states.shape[-1]

@@ -59,6 +59,8 @@ class ArchitectureSpec:
             from a given configuration (e.g. DeepSeek's ``q_proj`` when ``q_lora_rank`` is set) are skipped.
         router_tensors: router tensors with one row per expert, sliced when experts are removed.
         router_group_key: router attribute holding the number of expert groups of group-limited routing.
+        expert_count_attrs: attributes of the router and the experts module that record the expert count,
+            updated when experts are removed (DeepSeek-MoE v1's remote-code gate keeps ``n_routed_experts``).
         routing: None where the router returns ``(router_logits, top_k_weights, top_k_index)`` and the
             block calls one experts module with them (transformers 5). For remote-code blocks that
             loop over an ``nn.ModuleList`` of expert MLPs themselves, a function
@@ -80,6 +82,7 @@ class ArchitectureSpec:
     attention_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     router_tensors: tuple[str, ...] = ("weight", "bias")
     router_group_key: str | None = None
+    expert_count_attrs: tuple[str, ...] = ("num_experts",)
     routing: RouteFn | None = None
 
 
@@ -103,7 +106,8 @@ _REGISTRY: dict[str, ArchitectureSpec] = {
     "glm4_moe": ArchitectureSpec(shared="shared_experts", probs=sigmoid_probs, num_experts_key="n_routed_experts",
                                  **_GROUP_LIMITED),
     # DeepSeek-MoE (v1), remote code: a ModuleList of expert MLPs, a top-k gate, ungated shared experts
-    "deepseek": ArchitectureSpec(shared="shared_experts", num_experts_key="n_routed_experts", routing=topk_gate_route),
+    "deepseek": ArchitectureSpec(shared="shared_experts", num_experts_key="n_routed_experts", routing=topk_gate_route,
+                                 expert_count_attrs=("num_experts", "n_routed_experts")),
 }
 
 
@@ -213,8 +217,9 @@ class MoELayer:
                     setattr(router, name, nn.Parameter(new, requires_grad=t.requires_grad)
                             if isinstance(t, nn.Parameter) else new)
         for module in (router, self.module):
-            if hasattr(module, "num_experts"):
-                module.num_experts = len(kept)
+            for attr in self.spec.expert_count_attrs:
+                if hasattr(module, attr):
+                    setattr(module, attr, len(kept))
         if isinstance(router, nn.Linear):
             router.out_features = len(kept)
 

@@ -136,6 +136,11 @@ class Experts:
         """Names of the module's weight ``nn.Parameter``s that adapters may train (empty: none, e.g. packed codes)."""
         return []
 
+    def weight_modules(self) -> list[str]:
+        """Names, within the module, of ``nn.Linear`` submodules holding expert weights that adapters may train as
+        modules (empty: none; the weights are parameters, see :meth:`weight_parameters`, or cannot be adapted)."""
+        return []
+
     # ---- derived ----------------------------------------------------------------------------------
     @property
     def full_width(self) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from camera_pl.arch.layout import ExpertsLayout
-from camera_pl.experts.base import Experts, ExpertWeights, WritesInPlace, cast
+from camera_pl.experts.base import Experts, ExpertWeights, WritesInPlace, cast, unwrap
 
 CHANNELS = "camera_channels"
 """Non-persistent buffer of a pruned expert MLP: original index of each kept micro-expert."""
@@ -28,10 +28,16 @@ _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def is_expert_list(module: nn.Module | None) -> bool:
-    """Whether ``module`` is a non-empty ``nn.ModuleList`` of gated MLPs with ``nn.Linear`` projections."""
+    """Whether ``module`` is a non-empty ``nn.ModuleList`` of gated MLPs with ``nn.Linear`` projections
+    (under LoRA adapters: the Linears they wrap)."""
     return isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-        all(isinstance(getattr(m, p, None), nn.Linear) for p in _PROJECTIONS) and callable(getattr(m, "act_fn", None))
+        all(isinstance(_linear(m, p), nn.Linear) for p in _PROJECTIONS) and callable(getattr(m, "act_fn", None))
         for m in module)
+
+
+def _linear(mlp: nn.Module, name: str) -> nn.Module | None:
+    """Projection ``name`` of ``mlp``; under a LoRA adapter, the ``nn.Linear`` it wraps."""
+    return unwrap(getattr(mlp, name, None))
 
 
 class ListGating(nn.Module):
@@ -59,7 +65,7 @@ class ModuleListExperts(WritesInPlace, Experts):
         if not is_expert_list(module):
             raise TypeError(f"{type(module).__name__} is not an nn.ModuleList of MLPs with gate_proj/up_proj/down_proj "
                             "nn.Linear layers and an act_fn.")
-        biased = [i for i, m in enumerate(module) if any(getattr(m, p).bias is not None for p in _PROJECTIONS)]
+        biased = [i for i, m in enumerate(module) if any(_linear(m, p).bias is not None for p in _PROJECTIONS)]
         if biased:
             raise TypeError(f"Experts {biased[:5]} of the list have biased projections; camera_pl reads bias-free "
                             "ModuleList experts only (as DeepSeek-MoE's).")
@@ -67,8 +73,8 @@ class ModuleListExperts(WritesInPlace, Experts):
         self._template = ListGating(module[0].act_fn)
         self.layout = ExpertsLayout()
         self.num_experts = len(module)
-        self.hidden_size = int(module[0].down_proj.out_features)
-        widest = max(int(m.gate_proj.out_features) for m in module)
+        self.hidden_size = int(_linear(module[0], "down_proj").out_features)
+        widest = max(int(_linear(m, "gate_proj").out_features) for m in module)
         self.intermediate_size = int(getattr(module, ORIGINAL_WIDTH, widest))
 
     @property
@@ -80,31 +86,31 @@ class ModuleListExperts(WritesInPlace, Experts):
         return self._template
 
     def widths(self) -> torch.Tensor:
-        return torch.tensor([m.gate_proj.out_features for m in self._module], dtype=torch.long)
+        return torch.tensor([_linear(m, "gate_proj").out_features for m in self._module], dtype=torch.long)
 
     def channels(self, e: int) -> torch.Tensor:
         mlp = self._module[e]
         recorded = getattr(mlp, CHANNELS, None)
         if recorded is not None:
             return recorded
-        return torch.arange(mlp.gate_proj.out_features, device=mlp.down_proj.weight.device)
+        return torch.arange(_linear(mlp, "gate_proj").out_features, device=_linear(mlp, "down_proj").weight.device)
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
-        mlp = self._module[e]
-        w = ExpertWeights(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        """Views of expert ``e``'s Linear weights (under LoRA adapters, the base weights without the adapters)."""
+        w = ExpertWeights(*(_linear(self._module[e], p).weight for p in _PROJECTIONS))
         return w if dtype is None else cast(w, dtype)
 
-    def weight_parameters(self) -> list[str]:
-        """None: LoRA on the experts is not wired for this layout (recover with ``experts=False``)."""
-        return []
+    def weight_modules(self) -> list[str]:
+        """Every expert's projection Linears (``"3.gate_proj"``): peft adapts them as the ``nn.Linear`` modules they are."""
+        return [f"{e}.{p}" for e in range(self.num_experts) for p in _PROJECTIONS]
 
     @property
     def device(self) -> torch.device:
-        return self._module[0].down_proj.weight.device
+        return _linear(self._module[0], "down_proj").weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._module[0].down_proj.weight.dtype
+        return _linear(self._module[0], "down_proj").weight.dtype
 
     def keep(self, keep: torch.Tensor) -> None:
         """Narrow every expert's Linears to the micro-experts ``keep [E, I]`` marks (original indices).
@@ -115,6 +121,9 @@ class ModuleListExperts(WritesInPlace, Experts):
         if tuple(keep.shape) != (self.num_experts, self.intermediate_size):
             expected = (self.num_experts, self.intermediate_size)
             raise ValueError(f"keep has shape {tuple(keep.shape)}; expected {expected}.")
+        if any(not isinstance(getattr(m, p), nn.Linear) for m in self._module for p in _PROJECTIONS):
+            raise TypeError("The expert Linears carry LoRA adapters, which narrowing would drop; merge the adapters "
+                            "(camera_pl.lora.merge_lora) before pruning.")
         for e, mlp in enumerate(self._module):
             present = self.channels(e)
             local = keep[e, present.cpu()].nonzero().squeeze(1).to(present.device)
@@ -123,6 +132,15 @@ class ModuleListExperts(WritesInPlace, Experts):
             mlp.down_proj = _sliced(mlp.down_proj, local, rows=False)
             mlp.register_buffer(CHANNELS, present[local].clone(), persistent=False)
         setattr(self._module, ORIGINAL_WIDTH, self.intermediate_size)
+
+    def keep_experts(self, kept: list[int]) -> None:
+        """Remove every expert MLP not in ``kept`` (ascending ids) from the list, in place; the rest renumber."""
+        if sorted(set(kept)) != list(kept) or not kept or kept[0] < 0 or kept[-1] >= self.num_experts:
+            raise ValueError(f"kept must list ascending expert ids in [0, {self.num_experts}); got {kept}.")
+        for e in reversed(range(self.num_experts)):
+            if e not in kept:
+                del self._module[e]
+        self.num_experts = len(self._module)
 
     def kept_hex(self) -> list[str] | None:
         """Each expert's kept micro-experts as a hex bit mask over the original width; None before any pruning."""

@@ -10,7 +10,8 @@
 * ``expert``: drop the same fraction from every expert (each picks its own channels), so the
   fused layout and plain ``from_pretrained`` loading survive;
 * experts kept as a list of MLPs (remote-code layouts) have each expert's Linears narrowed under
-  every allocation (:meth:`~camera_pl.experts.modulelist.ModuleListExperts.keep`);
+  every allocation (:meth:`~camera_pl.experts.modulelist.ModuleListExperts.keep`); experts left
+  without micro-experts (``allow_expert_removal``) leave the list with their router rows;
 * ``global``: one ranking across layers, no layer losing more than ``max_layer_ratio``.
 
 Expert-level methods (``frequency``, ``reap``, ``ean`` from statistics; ``naee`` from
@@ -137,11 +138,13 @@ def _apply_micro(layer: MoELayer, keep: torch.Tensor, shared_keep: torch.Tensor 
     if shared_keep is not None and not bool(shared_keep.all()):
         shrink_shared(layer, shared_keep)
     experts = layer.experts
-    if isinstance(experts, ModuleListExperts):  # every expert's Linears narrow: any widths, the list stays
-        experts.keep(keep)
-        return []
     kept_experts = (keep.sum(1) > 0).nonzero().squeeze(1).tolist()
     removed = [e for e in range(layer.num_experts) if e not in kept_experts]
+    if isinstance(experts, ModuleListExperts):  # every kept expert's Linears narrow: any widths, the list stays
+        if removed:
+            remove_experts(layer, keep.sum(1) > 0)
+        layer.experts.keep(keep[kept_experts])
+        return removed
     if fused and not removed:
         shrink_fused(layer, keep)
         return removed
@@ -196,10 +199,6 @@ def prune(model: nn.Module, stats: MicroExpertStats | None = None, config: Prune
         if layer.experts.kind not in ("fused", "ragged", "list"):
             raise TypeError(f"MoE layer {layer.index} holds {layer.experts.kind} experts; prune before quantizing or "
                             "compressing experts (pruning edits full-precision fused or already pruned experts).")
-        if layer.experts.kind == "list" and (config.level == "expert" or config.allow_expert_removal):
-            raise ValueError(f"MoE layer {layer.index} keeps its experts as a list of MLPs, from which camera_pl "
-                             "removes micro-experts but not whole experts; use a micro-expert method without "
-                             "allow_expert_removal.")
     needs_data = config.sequential or config.method in CALIBRATED_METHODS
     if needs_data and calib_dataloader is None:
         why = "sequential=True recollects statistics after each layer" if config.sequential else \

@@ -12,6 +12,7 @@ from torch import nn
 
 from camera_pl.arch.adapters import MoELayer
 from camera_pl.experts.base import FusedExperts
+from camera_pl.experts.modulelist import ModuleListExperts
 from camera_pl.experts.ragged import RaggedExperts
 
 
@@ -89,13 +90,20 @@ def check_expert_count(layer: MoELayer, kept: int) -> None:
 
 
 def remove_experts(layer: MoELayer, keep: torch.Tensor) -> None:
-    """Remove whole experts (``keep [E]`` False) together with their router rows."""
+    """Remove whole experts (``keep [E]`` False) together with their router rows.
+
+    The router keeps its remaining rows unchanged and the model's own routing then runs over
+    the remaining experts only: where it normalises scores over all experts before top-k
+    (softmax-then-top-k without renormalisation: Qwen2-MoE, DeepSeek-MoE v1), the removed
+    experts leave that normalisation too, so the kept experts' weights grow by the removed
+    share. Where it renormalises the top-k weights (or takes the softmax over the top-k only)
+    nothing changes for tokens whose top-k experts all stay.
+    """
     kept = keep.nonzero().squeeze(1).tolist()
     check_expert_count(layer, len(kept))
-    if layer.experts.kind == "list":
-        raise ValueError(f"Layer {layer.index} keeps its experts as a list of MLPs; camera_pl does not remove whole "
-                         "experts (and router rows) from such layers.")
-    if not isinstance(layer.experts, FusedExperts):
+    if isinstance(layer.experts, ModuleListExperts):
+        layer.experts.keep_experts(kept)
+    elif not isinstance(layer.experts, FusedExperts):
         everything = torch.ones(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
         to_ragged(layer, everything, experts_kept=kept)
     else:
