@@ -106,3 +106,14 @@ def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     with pytest.raises(ImportError, match=r'pip install "camera_pl\[eval\]"'):
         camera_pl.evaluate(torch.nn.Linear(1, 1), None, ["next_line"])
+
+
+def test_quiet_unless_verbose(capfd):
+    model, tokenizer = camera_pl.reference_model()
+    capfd.readouterr()  # transformers' weight-loading bar
+    quiet = camera_pl.evaluate(model, tokenizer, ["next_line"], limit=3)
+    out, err = capfd.readouterr()
+    assert out == "" and "it/s" not in err and "pretrained" not in err and "fatal" not in err, (out, err)
+    loud = camera_pl.evaluate(model, tokenizer, ["next_line"], limit=3, verbose=True)
+    assert "it/s" in capfd.readouterr().err  # lm-eval's own progress bars
+    assert quiet == loud

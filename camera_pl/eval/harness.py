@@ -18,12 +18,16 @@ Two kinds of task names are accepted:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib.util
+import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import yaml
@@ -81,6 +85,53 @@ def _unknown_tasks_error(unknown: list[str], known: Sequence[str]) -> ValueError
     )
 
 
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Silence what lm-eval prints beside the scores, for the time of one evaluation.
+
+    Its logger's notes (e.g. that it was handed a model object, which camera_pl does on
+    purpose), the progress bars of reading the task data and building its requests, and the run
+    metadata it gathers
+    for a results file camera_pl does not write: the working directory's git commit (a
+    ``git`` subprocess that prints "fatal: not a git repository" outside a checkout) and
+    torch's environment report (several subprocesses, seconds per call). Errors still surface.
+    """
+    import datasets
+    import tqdm
+    from lm_eval import evaluator
+    from lm_eval.api import task
+
+    logger, level = logging.getLogger("lm_eval"), logging.getLogger("lm_eval").level
+    bars = datasets.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    try:
+        with mock.patch.object(evaluator, "get_git_commit_hash", return_value=None), \
+                mock.patch.object(evaluator, "add_env_info", return_value=None), \
+                mock.patch.object(task, "tqdm", functools.partial(tqdm.tqdm, disable=True)):
+            yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _quiet_model(base: type) -> type:
+    """A subclass of lm-eval's ``HFLM`` whose scoring passes run without progress bars."""
+
+    class QuietHFLM(base):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
 def _flatten(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{task: {metric: value, "n": items}}`` from lm-eval's output, without the ``,none`` filter suffix."""
     counts = results.get("n-samples", {})
@@ -104,6 +155,7 @@ def evaluate(
     max_length: int | None = None,
     num_fewshot: int | None = None,
     corpus: str = "stdlib",
+    verbose: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Run lm-eval ``tasks`` on ``model`` and return ``{task: {metric: value, ..., "n": items}}``.
 
@@ -120,6 +172,8 @@ def evaluate(
         num_fewshot: few-shot examples per prompt (default: each task's own setting, 0 for the offline tasks).
         corpus: the built-in corpus (`camera_pl.data.CORPORA`) whose test split the offline tasks
             are built from; use the one the model was not trained on, or its held-out split.
+        verbose: let lm-eval print its logs, progress bars and run metadata (default: only the
+            results come back; see `_quiet_lm_eval`).
 
     Multiple-choice tasks report ``acc`` (highest summed continuation log-likelihood) and, per
     their definition, ``acc_norm`` (divided by the choice's length in characters) or
@@ -146,13 +200,16 @@ def evaluate(
         unknown = [name for name in registry if name not in manager.all_tasks]
         if unknown:
             raise _unknown_tasks_error(unknown, manager.all_tasks)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
-                  max_length=max_length, softmax_dtype=torch.float32)
+        quiet = contextlib.nullcontext() if verbose else _quiet_lm_eval()
         try:
-            # No seeding: a callback's evaluation must not reset the training run's random state.
-            results = simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,
-                                      task_manager=manager, log_samples=False, random_seed=None,
-                                      numpy_random_seed=None, torch_random_seed=None)
+            with quiet:
+                lm = (HFLM if verbose else _quiet_model(HFLM))(
+                    pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                    max_length=max_length, softmax_dtype=torch.float32)
+                # No seeding: a callback's evaluation must not reset the training run's random state.
+                results = simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,
+                                          task_manager=manager, log_samples=False, random_seed=None,
+                                          numpy_random_seed=None, torch_random_seed=None)
         finally:
             model.train(was_training)  # HFLM puts the model in eval mode
     return _flatten(results)
