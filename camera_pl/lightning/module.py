@@ -87,7 +87,7 @@ class CausalLMModule(pl.LightningModule):
         """Logs ``val/loss``: the epoch's mean LM loss over predicted tokens (a batch counts by its tokens, not as
         one); the router aux loss, a training regulariser, is left out."""
         labels = self._labels(batch)
-        if getattr(self.model.config, "output_router_logits", False):
+        if getattr(getattr(self.model, "config", None), "output_router_logits", False):
             loss = self._forward(batch, labels, output_router_logits=False).loss
         else:
             loss = self._loss(batch, labels)
