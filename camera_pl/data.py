@@ -198,6 +198,11 @@ def iter_documents(
 
 
 def _iter_jsonl(path: Path, text_column: str) -> Iterator[dict[str, str]]:
+    """Rows of one JSON-lines file, checked line by line.
+
+    Not ``datasets.load_dataset("json")``: it fills a missing field with None, passes
+    non-string values through and reports a parse error by row, not by file line.
+    """
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from camera_pl.eval.evaluation import TokenPerplexity, perplexity, unigram_perplexity
+from camera_pl.eval.evaluation import perplexity, unigram_perplexity
 from camera_pl.eval.tasks import TASKS, MCExample, build_examples, write_task
 
 IGNORE = -100
@@ -66,16 +66,76 @@ def test_perplexity_matches_hand_computation(tiny_moe) -> None:
     assert perplexity(tiny_moe, batches) == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
-def test_token_perplexity_errors_and_ignore() -> None:
-    metric = TokenPerplexity()
-    with pytest.raises(ValueError, match="expected logits"):
-        metric.update(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
-    metric.update(torch.zeros(1, 3, 4), torch.tensor([[0, 1, IGNORE]]))
-    assert float(metric.compute()) == pytest.approx(4.0)  # uniform over 4 tokens, one scored token
-    empty = TokenPerplexity()
-    empty.update(torch.zeros(1, 2, 4), torch.full((1, 2), IGNORE))
+def _shifted_nll(model, batches) -> tuple[float, int]:
+    """Summed float64 cross-entropy of position t's logits against labels[t + 1] (-100 skipped)."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].double()
+            target = b["labels"][:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
+            count += int((target != IGNORE).sum())
+    return nll, count
+
+
+def test_perplexity_ignores_masked_labels_and_rejects_nothing_scored() -> None:
+    class Uniform(torch.nn.Module):
+        """Equal logits over 4 tokens: the perplexity of every scored token is 4."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 4) + self.w})
+
+    ids = torch.tensor([[0, 1, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[0, 1, IGNORE]])}
+    assert perplexity(Uniform(), [batch]) == pytest.approx(4.0)
     with pytest.raises(ValueError, match="no tokens were scored"):
-        empty.compute()
+        perplexity(Uniform(), [dict(batch, labels=torch.full_like(ids, IGNORE))])
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-16x2", "qwen2-moe-64x6"])
+def test_perplexity_equals_float64_cross_entropy_on_reference_model(name) -> None:
+    """torchmetrics' Perplexity (shifted, float64 sums) equals a float64 cross-entropy over the same tokens."""
+    from camera_pl.data import TextDataModule
+    from camera_pl.reference import REFERENCE_MODELS, reference_model
+
+    if not (REFERENCE_MODELS[name].weights_dir / "model.safetensors").is_file():
+        pytest.skip(f"reference weights of {name} not trained yet")
+    model, tok = reference_model(name)
+    dm = TextDataModule(tok, block_size=128, batch_size=4, max_documents=20, corpus=REFERENCE_MODELS[name].corpus)
+    test = list(dm.test_dataloader())[:2]
+    nll, count = _shifted_nll(model, test)
+    assert perplexity(model, test) == pytest.approx(math.exp(nll / count), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_perplexity_metric_reduces_across_processes(tmp_path, tiny_moe) -> None:
+    """Two gloo processes each scoring half the batches give the single-process perplexity."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    batches = _batches(tiny_moe.config.vocab_size)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(tiny_moe, batches, str(tmp_path), port), nprocs=2, join=True)
+    values = [float((tmp_path / f"{rank}.txt").read_text()) for rank in range(2)]
+    nll, count = _shifted_nll(tiny_moe, batches)
+    assert values[0] == values[1] == pytest.approx(math.exp(nll / count), rel=1e-6)
+
+
+def _ddp_worker(rank: int, model, batches, out: str, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        Path(out, f"{rank}.txt").write_text(repr(perplexity(model, batches[rank::2])))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_unigram_perplexity_by_hand() -> None:

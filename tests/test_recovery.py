@@ -85,10 +85,12 @@ def test_recovery_lowers_validation_loss_of_pruned_reference_model():
     assert perplexity(model, val) < pruned
 
 
-def test_recovery_inside_fit_continues_the_lr_schedule():
-    """LoRA start and merge rebuild the optimizer, but the warmup schedule is never restarted."""
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_recovery_inside_fit_continues_the_lr_schedule(weight_decay):
+    """LoRA start and merge rebuild the optimizer, but the warmup schedule is never restarted (with weight decay
+    too, where the no-decay group empties while only LoRA matrices train)."""
     loader = torch.utils.data.DataLoader(samples(), batch_size=2)
-    module = CausalLMModule(tiny_moe("qwen3_moe"), lr=1e-3, warmup_steps=20)
+    module = CausalLMModule(tiny_moe("qwen3_moe"), lr=1e-3, warmup_steps=20, weight_decay=weight_decay)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=3, num_sanity_val_steps=0,
                          callbacks=[MicroExpertStatsCallback(), CameraPruning({1: 0.3}), LoRARecovery(rank=2, steps=2)],
                          logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedToken
 from camera_pl.data import TextDataModule, corpus_files
 from camera_pl.reference import DEFAULT_REFERENCE, REFERENCE_MODELS, reference_spec
 from camera_pl.eval.evaluation import perplexity, unigram_perplexity
+from camera_pl.lightning.module import CausalLMModule
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -105,64 +105,24 @@ def reference_config(
     return config_cls(**params)
 
 
-class CausalLMModule(L.LightningModule):
-    """Lightning wrapper: HF causal-LM loss (incl. router aux loss), AdamW, warmup + cosine LR.
+class WallClockCosineModule(CausalLMModule):
+    """`CausalLMModule` whose cosine schedule also follows wall time.
 
-    The cosine schedule follows training progress measured as the larger of
-    ``step / max_steps`` and ``elapsed / max_seconds``, so a run capped by wall
-    time (e.g. on a busy machine) still anneals its learning rate fully.
+    Progress is the larger of the step fraction and ``elapsed / max_seconds``,
+    so a run capped by wall time (e.g. on a busy machine) still anneals its
+    learning rate fully.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float,
-        max_steps: int,
-        max_seconds: float,
-        warmup: int,
-        weight_decay: float,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.lr, self.max_steps, self.max_seconds = lr, max_steps, max_seconds
-        self.warmup, self.weight_decay = warmup, weight_decay
+    def __init__(self, model: torch.nn.Module, max_seconds: float, **kwargs: object) -> None:
+        super().__init__(model, **kwargs)
+        self.max_seconds = max_seconds
         self.start_time = time.time()
 
     def on_train_start(self) -> None:
         self.start_time = time.time()
 
     def progress(self, step: int) -> float:
-        """Fraction of the budget (steps or wall time, whichever is further) used after warmup."""
-        by_steps = (step - self.warmup) / max(1, self.max_steps - self.warmup)
-        return min(1.0, max(by_steps, (time.time() - self.start_time) / self.max_seconds))
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(**batch)
-        self.log("train/loss", out.loss, prog_bar=True)
-        if out.aux_loss is not None:
-            self.log("train/aux_loss", out.aux_loss)
-        return out.loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.model(**batch, output_router_logits=False)
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=int(batch["attention_mask"].sum()))
-
-    def configure_optimizers(self):
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 or "norm" in n]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr,
-            betas=(0.9, 0.95),
-        )
-
-        def factor(step: int) -> float:
-            if step < self.warmup:
-                return (step + 1) / self.warmup
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return min(1.0, max(super().progress(step), (time.time() - self.start_time) / self.max_seconds))
 
 
 def config_summary(config: PretrainedConfig) -> dict[str, int]:
@@ -227,7 +187,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, {len(dm.splits['train'])} train blocks", flush=True)
 
-    module = CausalLMModule(model, args.lr, args.max_steps, args.max_minutes * 60, args.warmup, args.weight_decay)
+    module = WallClockCosineModule(
+        model,
+        max_seconds=args.max_minutes * 60,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup,
+        cosine_steps=max(args.max_steps, args.warmup + 1),
+        min_lr_ratio=0.1,
+        betas=(0.9, 0.95),
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=args.max_steps,

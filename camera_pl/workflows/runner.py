@@ -234,6 +234,11 @@ STEPS: dict[str, Callable[[RunContext, Any], None]] = {
 
 # ---- the run ------------------------------------------------------------------------------
 def _write_metrics(ctx: RunContext) -> None:
+    """Rewrite metrics.json and metrics.csv (label first, columns in first-seen order) from ``ctx.metrics``.
+
+    Not Lightning's CSVLogger: its writer deletes an existing metrics.csv (with a warning) whenever its
+    directory is not empty, as a run directory always is, sorts the columns and adds a ``step`` column.
+    """
     (ctx.run_dir / "metrics.json").write_text(json.dumps(ctx.metrics, indent=1))
     if ctx.metrics:
         keys = list(dict.fromkeys(k for row in ctx.metrics for k in row))
