@@ -1,7 +1,7 @@
 """Quality of mixed-precision expert quantization at 2.0 / 2.5 / 3.0 average bits.
 
-For each budget and allocation method (CAMERA-Q with its measured output cost and with the
-proxy cost, pmq, uniform, matrix, channel) the experts
+For each budget and allocation method (CAMERA-Q with its measured output cost, with the proxy
+cost, and with the proxy cost on HEAPr's score; pmq, uniform, matrix, channel) the experts
 of a fresh copy of the model are quantized (RTN, and GPTQ with ``--gptq``) and packed;
 the script measures test perplexity, the mean KL divergence of next-token distributions
 from the unquantized model, and the packed routed-expert bytes (scales, zeros and bit maps
@@ -30,8 +30,9 @@ from camera_pl.eval.evaluation import perplexity
 from camera_pl import quantize
 
 BUDGETS = (2.0, 2.25, 2.5, 3.0)
-METHODS = ("camera@output", "camera@proxy", "pmq", "uniform", "matrix", "channel")
-"""Bit allocations compared; ``camera@output`` / ``camera@proxy`` is CAMERA-Q with that ``cost``."""
+METHODS = ("camera@output", "camera@proxy", "camera:heapr@proxy", "pmq", "uniform", "matrix", "channel")
+"""Bit allocations compared, as ``method[:score][@cost]``: ``camera@output`` / ``camera@proxy`` is CAMERA-Q with
+that ``cost``; ``camera:heapr@proxy`` ranks micro-experts by HEAPr's score instead of CAMERA's."""
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -104,7 +105,7 @@ def kl_from(base_logits: list[torch.Tensor], model, test) -> float:
 
 def run(model, calib, test, what: str, args: argparse.Namespace, out: Path) -> None:
     """Every method x budget x quantizer on one model; the table is rewritten after each row."""
-    stats = collect_stats(model, calib)
+    stats = collect_stats(model, calib, heapr_mode="auto")  # HEAPr's curvature too, for camera:heapr
     with torch.no_grad():
         base_logits = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in test]
     dense_ppl = perplexity(model, test)
@@ -123,11 +124,11 @@ def run(model, calib, test, what: str, args: argparse.Namespace, out: Path) -> N
              "row.\n")
     def measure(label: str, quantizer: str, budget: float, avg_bits: float, cost: str | None) -> float:
         """Quantize a copy at ``avg_bits``, add its row, rewrite the table; returns its stored bits per param."""
-        method = label.partition("@")[0]
+        method, _, score = label.partition("@")[0].partition(":")
         q = copy.deepcopy(model)
         start = time.perf_counter()
         report = quantize(q, stats, method=method, avg_bits=avg_bits, quantizer=quantizer, calib_dataloader=calib,
-                          **({"cost": cost} if cost else {}))
+                          **({"cost": cost} if cost else {}), **({"score": score} if score else {}))
         seconds = time.perf_counter() - start
         ppl, kl = perplexity(q, test), kl_from(base_logits, q, test)
         rows.append((label, quantizer, f"{budget}", f"{report.avg_bits:.3f}/{report.bits_per_param:.3f}",
