@@ -12,9 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALIGNMENTS = (64, 32, 16, 8, 4, 2, 1)
-"""Candidate bucket-width multiples, preferred first: 64 suits tensor-core tiles, CUDA's grouped GEMM
-needs 16-byte strides (8 bf16 elements); the finer ones serve only toy widths."""
+ALIGNMENTS = (64, 32, 16, 8)
+"""Candidate bucket-width multiples, preferred first: 64 suits tensor-core tiles; torch's grouped GEMM
+(CPU and CUDA) needs 16-byte strides, 8 elements in bf16 and fp16 (4 in fp32), so 8 is the floor:
+finer widths would send a forward to the per-expert loop, much slower for many small experts."""
+
+FORMER_ALIGNMENTS = (64, 32, 16, 8, 4, 2, 1)
+"""The candidates of camera_pl before the floor of 8: a saved model's buckets were planned with them
+when their shapes differ from today's plan (see :meth:`RaggedExperts._load_from_state_dict`)."""
 
 
 @dataclass(frozen=True)
@@ -34,26 +39,28 @@ def _round_up(width: int, align: int) -> int:
     return -(-width // align) * align
 
 
-def choose_alignment(widths: list[int], max_padding: float) -> int:
-    """The largest of :data:`ALIGNMENTS` whose rounding alone pads at most half the budget."""
+def choose_alignment(widths: list[int], max_padding: float, alignments: tuple[int, ...] = ALIGNMENTS) -> int:
+    """The largest of ``alignments`` whose rounding alone pads at most half the budget (else the finest)."""
     kept = sum(widths)
-    for align in ALIGNMENTS:
+    for align in alignments:
         if sum(_round_up(w, align) - w for w in widths) <= 0.5 * max_padding * kept:
             return align
-    return ALIGNMENTS[-1]
+    return alignments[-1]
 
 
-def plan_buckets(widths: list[int], max_padding: float = 0.10) -> BucketPlan:
+def plan_buckets(widths: list[int], max_padding: float = 0.10, alignments: tuple[int, ...] = ALIGNMENTS
+                 ) -> BucketPlan:
     """The fewest width buckets whose padding is at most ``max_padding`` of the kept micro-experts.
 
     Experts of width 0 belong to no bucket. Buckets are contiguous runs of the experts sorted by
     width (an optimal partition has this form); for each bucket count a dynamic program finds
     the least padding, and the first count within budget wins (at worst one bucket per distinct
-    rounded width, where only the alignment pads).
+    rounded width, where only the alignment pads: tiny widths may exceed the budget there).
+    ``alignments``: the candidate multiples (:data:`FORMER_ALIGNMENTS` re-plans an older save).
     """
     if not 0.0 <= max_padding < 1.0:
         raise ValueError(f"max_padding must be in [0, 1), got {max_padding}.")
-    align = choose_alignment(widths, max_padding)
+    align = choose_alignment(widths, max_padding, alignments)
     order = sorted((e for e, w in enumerate(widths) if w > 0), key=lambda e: (widths[e], e))
     if not order:
         return BucketPlan((), (), align)

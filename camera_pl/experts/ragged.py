@@ -18,7 +18,7 @@ from torch import nn
 
 from camera_pl.experts.base import (Experts, ExpertWeights, GroupedWeights, WeightGroups, WritesInPlace, cast,
                                     grouped_mm_supported)
-from camera_pl.experts.buckets import BucketPlan, plan_buckets
+from camera_pl.experts.buckets import FORMER_ALIGNMENTS, BucketPlan, plan_buckets
 from camera_pl.experts.module import CameraExperts
 
 LEGACY_KEYS = ("gate", "up", "down", "gate_bias", "up_bias", "channel_index")
@@ -124,7 +124,31 @@ class RaggedExperts(WritesInPlace, CameraExperts):
                                              None if bias is None else bias[e]))
                 channels.append(legacy["channel_index"][s])
             state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
+        elif self._planned_otherwise(state_dict, prefix):
+            former = plan_buckets(self._widths.tolist(), alignments=FORMER_ALIGNMENTS)
+            names = [n for b in range(len(former.members)) for n in
+                     (self._up_name(b), f"{self._up_name(b)}_bias", f"down_{b}", f"channels_{b}")]
+            stored = {n: state_dict.pop(prefix + n) for n in names if prefix + n in state_dict}
+            bias = state_dict.get(prefix + "down_bias")
+            where = {e: (b, p) for b, members in enumerate(former.members) for p, e in enumerate(members)}
+            weights, channels = [], []
+            for e in range(self.num_experts):
+                (b, p), k = where.get(e, (0, 0)), int(self._widths[e])  # width 0: empty slices of bucket 0
+                up_bias = stored.get(f"{self._up_name(b)}_bias")
+                weights.append(self._expert(stored[self._up_name(b)][p], stored[f"down_{b}"][p],
+                                            None if up_bias is None else up_bias[p], k,
+                                            None if bias is None else bias[e]))
+                channels.append(stored[f"channels_{b}"][p, :k])
+            state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _planned_otherwise(self, state_dict: dict, prefix: str) -> bool:
+        """Whether ``state_dict`` holds buckets of other shapes than this plan's: a save of a former planner
+        (finer alignments, :data:`~camera_pl.experts.buckets.FORMER_ALIGNMENTS`), restacked on load."""
+        stored = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
+                  if k.startswith(prefix + "channels_") and k[len(prefix) + 9:].isdigit()}
+        planned = {f"channels_{b}": (len(m), w) for b, (m, w) in enumerate(zip(self.plan.members, self.plan.widths))}
+        return bool(stored) and stored != planned
 
     # ---- the experts interface -------------------------------------------------------------
     def _stacks(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -151,12 +175,18 @@ class RaggedExperts(WritesInPlace, CameraExperts):
             return w if dtype is None else cast(w, dtype)
         (b, p), k = self._where[e], int(self._widths[e])
         up_stack, down_stack, bias_stack = self._stacks(b)
-        gate, up = self.layout.split(up_stack[p], 0)
-        gate_bias, up_bias = (None, None) if bias_stack is None else self.layout.split(bias_stack[p], 0)
-        w = ExpertWeights(None if gate is None else gate[:k], up[:k], down_stack[p][:, :k],
-                          None if gate_bias is None else gate_bias[:k], None if up_bias is None else up_bias[:k],
-                          None if self.down_bias is None else self.down_bias[e])
+        w = self._expert(up_stack[p], down_stack[p], None if bias_stack is None else bias_stack[p], k,
+                         None if self.down_bias is None else self.down_bias[e])
         return w if dtype is None else cast(w, dtype)
+
+    def _expert(self, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None, k: int,
+                down_bias: torch.Tensor | None) -> ExpertWeights:
+        """Views of the first ``k`` slots of one stacked expert: packed gate/up ``up``, ``down``, packed ``bias``."""
+        gate, up = self.layout.split(up, 0)
+        gate_bias, up_bias = (None, None) if bias is None else self.layout.split(bias, 0)
+        return ExpertWeights(None if gate is None else gate[:k], up[:k], down[:, :k],
+                             None if gate_bias is None else gate_bias[:k], None if up_bias is None else up_bias[:k],
+                             down_bias)
 
     def weight_parameters(self) -> list[str]:
         return [name for b in range(len(self.plan.members)) for name in (self._up_name(b), f"down_{b}")]
