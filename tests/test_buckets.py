@@ -9,7 +9,7 @@ import torch
 
 from camera_pl import collect_stats, moe_layers, prune
 from camera_pl.experts import ragged
-from camera_pl.experts.buckets import FORMER_ALIGNMENTS, plan_buckets
+from camera_pl.experts.buckets import plan_buckets, stored_width
 from camera_pl.testing import tiny_moe
 
 from conftest import make_batch
@@ -22,9 +22,10 @@ def test_plan_pads_at_most_ten_percent_with_aligned_bucket_widths(width, experts
     plan = plan_buckets(widths)
     members = sorted(e for m in plan.members for e in m)
     assert members == [e for e, w in enumerate(widths) if w > 0]  # every kept expert once; width 0 in none
-    assert all(w % plan.align == 0 and all(widths[e] <= w for e in m) for m, w in zip(plan.members, plan.widths))
-    assert plan.align >= 8  # grouped GEMMs need 16-byte strides: 8 bf16 elements
-    rounding = sum(-w % plan.align for w in widths)  # what the alignment alone pads (tiny widths: over budget)
+    assert all(all(widths[e] <= w for e in m) for m, w in zip(plan.members, plan.widths))
+    # grouped GEMMs need 16-byte strides (8 bf16 elements); tiny buckets are powers of two, padded per forward
+    assert plan.align >= 8 and all(w % plan.align == 0 or w in (1, 2, 4) for w in plan.widths)
+    rounding = sum(stored_width(w, plan.align) - w for w in widths if w)  # what rounding alone pads
     assert plan.padding(widths) <= max(0.10 * sum(widths), rounding)
     if width >= 96:
         assert plan.padding(widths) <= 0.10 * sum(widths)
@@ -35,6 +36,7 @@ def test_plan_pads_at_most_ten_percent_with_aligned_bucket_widths(width, experts
 def test_plan_is_deterministic_and_checks_its_budget():
     widths = [700, 512, 768, 300, 301, 640, 0, 128]
     assert plan_buckets(widths) == plan_buckets(list(widths))
+    assert plan_buckets([1, 3, 5, 30]).widths == (1, 4, 8, 32)  # below 8: powers of two, not padded to 8
     assert len(plan_buckets([64] * 10).members) == 1 and plan_buckets([64] * 10).padding([64] * 10) == 0
     with pytest.raises(ValueError, match="max_padding"):
         plan_buckets(widths, max_padding=1.5)
@@ -80,7 +82,7 @@ def test_buckets_planned_with_the_former_finer_alignments_load(arch, monkeypatch
     stats = collect_stats(model, [batch])
     former = copy.deepcopy(model)
     with monkeypatch.context() as patch:  # a save of camera_pl before the alignment floor of 8
-        patch.setattr(ragged, "plan_buckets", functools.partial(plan_buckets, alignments=FORMER_ALIGNMENTS))
+        patch.setattr(ragged, "plan_buckets", functools.partial(plan_buckets, former=True))
         prune(former, stats, 0.5)
     prune(model, stats, 0.5)
     state, current = former.state_dict(), model.state_dict()

@@ -18,7 +18,7 @@ from torch import nn
 
 from camera_pl.experts.base import (Experts, ExpertWeights, GroupedWeights, WeightGroups, WritesInPlace, cast,
                                     grouped_mm_supported)
-from camera_pl.experts.buckets import FORMER_ALIGNMENTS, BucketPlan, plan_buckets
+from camera_pl.experts.buckets import BucketPlan, plan_buckets
 from camera_pl.experts.module import CameraExperts
 
 LEGACY_KEYS = ("gate", "up", "down", "gate_bias", "up_bias", "channel_index")
@@ -125,7 +125,7 @@ class RaggedExperts(WritesInPlace, CameraExperts):
                 channels.append(legacy["channel_index"][s])
             state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
         elif self._planned_otherwise(state_dict, prefix):
-            former = plan_buckets(self._widths.tolist(), alignments=FORMER_ALIGNMENTS)
+            former = plan_buckets(self._widths.tolist(), former=True)
             names = [n for b in range(len(former.members)) for n in
                      (self._up_name(b), f"{self._up_name(b)}_bias", f"down_{b}", f"channels_{b}")]
             stored = {n: state_dict.pop(prefix + n) for n in names if prefix + n in state_dict}
@@ -143,7 +143,7 @@ class RaggedExperts(WritesInPlace, CameraExperts):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _planned_otherwise(self, state_dict: dict, prefix: str) -> bool:
-        """Whether ``state_dict`` holds buckets of other shapes than this plan's: a save of a former planner
+        """Whether ``state_dict`` holds buckets of other shapes than this plan's: a save of the former planner
         (finer alignments, :data:`~camera_pl.experts.buckets.FORMER_ALIGNMENTS`), restacked on load."""
         stored = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
                   if k.startswith(prefix + "channels_") and k[len(prefix) + 9:].isdigit()}
@@ -203,15 +203,23 @@ class RaggedExperts(WritesInPlace, CameraExperts):
         """The buckets' stored stacks, in the grouped-GEMM orientation (views; gated experts without a post-norm)."""
         if not self.layout.has_gate or self.layout.post_norm or not grouped_mm_supported(x) or self.dtype != x.dtype:
             return None
-        if any(d * x.element_size() % 16 for d in (self.hidden_size, *self.plan.widths)):
-            return None  # grouped GEMM needs 16-byte aligned strides (toy widths): the per-expert loop runs
+        step = 16 // x.element_size()  # grouped GEMM needs 16-byte aligned strides
+        if self.hidden_size % step:
+            return None  # toy hidden sizes: the per-expert loop runs
         groups = []
         for b, members in enumerate(self.plan.members):
             up, down, bias = self._stacks(b)
-            widths = self.get_buffer(f"widths_{b}") if self._padded[b] else None
+            channels, pad = self.get_buffer(f"channels_{b}"), -self.plan.widths[b] % step
+            if pad:  # buckets of widths below 8 (1, 2, 4): zero slots appended for this forward, a small copy
+                up, bias = (None if t is None else self.layout.pack(*(None if h is None else nn.functional.pad(h, p)
+                                                                      for h in self.layout.split(t, 1)), 1)
+                            for t, p in ((up, (0, 0, 0, pad)), (bias, (0, pad))))
+                down = nn.functional.pad(down, (0, pad))
+                channels = nn.functional.pad(channels, (0, pad), value=self.intermediate_size)
+            widths = self.get_buffer(f"widths_{b}") if self._padded[b] or pad else None
             groups.append(GroupedWeights(up.transpose(1, 2), down.transpose(1, 2), bias,
                                          None if self.down_bias is None else self.down_bias[list(members)],
-                                         channels=self.get_buffer(f"channels_{b}"), widths=widths))
+                                         channels=channels, widths=widths))
         return WeightGroups(groups, [list(m) for m in self.plan.members], self.group_of)
 
     # ---- description -------------------------------------------------------------------------
