@@ -4,10 +4,10 @@ Either a Qwen3-MoE with random weights (sizes below; statistics from random toke
 ``--reference NAME`` a shipped reference model (statistics from 4 validation batches of its own
 corpus, timing on one 8x128 test batch). Copies are pruned at each ``--ratios`` with each
 ``--allocations`` (`layer`/`global`: ragged experts in width buckets; `expert`: fused layout kept)
-and measured side by side in one run: median forward latency over repeated runs, expert-weight
-bytes and (on CUDA) peak allocated memory of one forward. Dense runs with transformers' default
-experts kernels (grouped_mm) and, as the `camera_pl` row, through camera_pl's experts forward;
-ragged layers run camera_pl's grouped GEMMs per width bucket.
+and measured side by side in one run: median forward latency over repeated rounds (the models
+timed in turns), expert-weight bytes and (on CUDA) peak allocated memory of one forward. Dense
+runs with transformers' default experts kernels (grouped_mm) and, as the `camera_pl forward` row,
+through camera_pl's experts forward; ragged layers run camera_pl's grouped GEMMs per width bucket.
 
     python benchmarks/pruning_speed.py [--device cuda] [--dtype bfloat16] [--repeats 10] [--threads 1]
     python benchmarks/pruning_speed.py --reference qwen2-moe-64x6 --ratios 0.4 --allocations layer global
@@ -39,22 +39,33 @@ def build(args, dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device).eval()
 
 
-def measure(model, batch, device: str, repeats: int) -> tuple[float, float | None]:
+def measure(models: list[torch.nn.Module], batch, device: str, repeats: int) -> list[float]:
+    """Median forward seconds of each model, timed in turns (one forward of each per round), so that load
+    drifting during the run (a shared machine) hits every model alike."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
+    times = [[] for _ in models]
     with torch.no_grad():
-        model(**batch, use_cache=False)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
+        for model in models:
             model(**batch, use_cache=False)
-            sync()
-            times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda") else None
-    return statistics.median(times), peak
+        for _ in range(repeats):
+            for model, t in zip(models, times):
+                sync()
+                start = time.perf_counter()
+                model(**batch, use_cache=False)
+                sync()
+                t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def peak_memory(model, batch, device: str) -> float | None:
+    """Peak MiB allocated by one forward beyond the model (CUDA only, else None)."""
+    if not device.startswith("cuda"):
+        return None
+    with torch.no_grad():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(**batch, use_cache=False)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def reference_setup(args, dtype) -> tuple[torch.nn.Module, dict, list[dict], str]:
@@ -103,24 +114,22 @@ def main() -> None:
         title = (f"Qwen3-MoE {args.layers} layers x {args.experts} experts (I={args.inter}, H={args.hidden}, "
                  f"top-{args.top_k})")
     stats = collect_stats(dense, calib)
-    rows = []
-    t_dense, m_dense = measure(dense, batch, args.device, args.repeats)
-    bytes_dense = sum(expert_params(l) for l in moe_layers(dense)) * dense.dtype.itemsize
-    rows.append(("dense", "-", t_dense, m_dense, bytes_dense))
-    restore = use_camera_experts(dense)
-    t, m = measure(dense, batch, args.device, args.repeats)
-    restore()
-    rows.append(("dense", "camera_pl forward", t, m, bytes_dense))
+    camera = copy.deepcopy(dense)
+    use_camera_experts(camera)
+    models = {("dense", "-"): dense, ("dense", "camera_pl forward"): camera}
     for ratio in args.ratios:
         for allocation in args.allocations:
             model = copy.deepcopy(dense)
             prune(model, stats, ratio, allocation=allocation)
-            t, m = measure(model, batch, args.device, args.repeats)
-            rows.append((f"{int(ratio * 100)}%", allocation, t, m, sum(expert_params(l) for l in moe_layers(model)) * dense.dtype.itemsize))
-            del model
+            models[(f"{int(ratio * 100)}%", allocation)] = model
+    times = measure(list(models.values()), batch, args.device, args.repeats)
+    rows = [(name, alloc, t, peak_memory(model, batch, args.device),
+             sum(expert_params(l) for l in moe_layers(model)) * dense.dtype.itemsize)
+            for ((name, alloc), model), t in zip(models.items(), times)]
+    t_dense = times[0]
     tokens = "x".join(str(d) for d in batch["input_ids"].shape)
     print(f"pruning_speed: {title}, {args.dtype} on {args.device}, {torch.get_num_threads()} thread(s), "
-          f"batch {tokens} tokens, median of {args.repeats} forwards")
+          f"batch {tokens} tokens, median of {args.repeats} forwards each, models timed in turns")
     print("| pruned | allocation | forward ms | speed-up vs dense | expert MiB | peak MiB (CUDA) |")
     print("|---|---|---|---|---|---|")
     for name, alloc, t, m, b in rows:

@@ -124,31 +124,40 @@ class RaggedExperts(WritesInPlace, CameraExperts):
                                              None if bias is None else bias[e]))
                 channels.append(legacy["channel_index"][s])
             state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
-        elif self._planned_otherwise(state_dict, prefix):
-            former = plan_buckets(self._widths.tolist(), former=True)
-            names = [n for b in range(len(former.members)) for n in
-                     (self._up_name(b), f"{self._up_name(b)}_bias", f"down_{b}", f"channels_{b}")]
-            stored = {n: state_dict.pop(prefix + n) for n in names if prefix + n in state_dict}
-            bias = state_dict.get(prefix + "down_bias")
-            where = {e: (b, p) for b, members in enumerate(former.members) for p, e in enumerate(members)}
-            weights, channels = [], []
-            for e in range(self.num_experts):
-                (b, p), k = where.get(e, (0, 0)), int(self._widths[e])  # width 0: empty slices of bucket 0
-                up_bias = stored.get(f"{self._up_name(b)}_bias")
-                weights.append(self._expert(stored[self._up_name(b)][p], stored[f"down_{b}"][p],
-                                            None if up_bias is None else up_bias[p], k,
-                                            None if bias is None else bias[e]))
-                channels.append(stored[f"channels_{b}"][p, :k])
-            state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
+        elif (former := self._former_plan(state_dict, prefix)) is not None:
+            self._restack(state_dict, prefix, former)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _planned_otherwise(self, state_dict: dict, prefix: str) -> bool:
-        """Whether ``state_dict`` holds buckets of other shapes than this plan's: a save of the former planner
-        (finer alignments, :data:`~camera_pl.experts.buckets.FORMER_ALIGNMENTS`), restacked on load."""
+    def _restack(self, state_dict: dict, prefix: str, former: BucketPlan) -> None:
+        """Replace, in ``state_dict``, buckets planned as ``former`` by this plan's (same weights, other stacks)."""
+        names = [n for b in range(len(former.members)) for n in
+                 (self._up_name(b), f"{self._up_name(b)}_bias", f"down_{b}", f"channels_{b}")]
+        stored = {n: state_dict.pop(prefix + n) for n in names if prefix + n in state_dict}
+        bias = state_dict.get(prefix + "down_bias")
+        where = {e: (b, p) for b, members in enumerate(former.members) for p, e in enumerate(members)}
+        weights, channels = [], []
+        for e in range(self.num_experts):
+            (b, p), k = where.get(e, (0, 0)), int(self._widths[e])  # width 0: empty slices of bucket 0
+            up_bias = stored.get(f"{self._up_name(b)}_bias")
+            weights.append(self._expert(stored[self._up_name(b)][p], stored[f"down_{b}"][p],
+                                        None if up_bias is None else up_bias[p], k, None if bias is None else bias[e]))
+            channels.append(stored[f"channels_{b}"][p, :k])
+        state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
+
+    def _former_plan(self, state_dict: dict, prefix: str) -> BucketPlan | None:
+        """The former planner's buckets (finer alignments, :data:`~camera_pl.experts.buckets.FORMER_ALIGNMENTS`)
+        where ``state_dict`` holds their shapes rather than this plan's: a save of camera_pl before the change.
+        Any other mismatch is left to ``load_state_dict``'s own size error."""
         stored = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
                   if k.startswith(prefix + "channels_") and k[len(prefix) + 9:].isdigit()}
-        planned = {f"channels_{b}": (len(m), w) for b, (m, w) in enumerate(zip(self.plan.members, self.plan.widths))}
-        return bool(stored) and stored != planned
+
+        def shapes(plan: BucketPlan) -> dict[str, tuple[int, int]]:
+            return {f"channels_{b}": (len(m), w) for b, (m, w) in enumerate(zip(plan.members, plan.widths))}
+
+        if not stored or stored == shapes(self.plan):
+            return None
+        former = plan_buckets(self._widths.tolist(), former=True)
+        return former if stored == shapes(former) else None
 
     # ---- the experts interface -------------------------------------------------------------
     def _stacks(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -211,7 +220,7 @@ class RaggedExperts(WritesInPlace, CameraExperts):
             up, down, bias = self._stacks(b)
             channels, pad = self.get_buffer(f"channels_{b}"), -self.plan.widths[b] % step
             if pad:  # buckets of widths below 8 (1, 2, 4): zero slots appended for this forward, a small copy
-                up, bias = (None if t is None else self.layout.pack(*(None if h is None else nn.functional.pad(h, p)
+                up, bias = (None if t is None else self.layout.pack(*(nn.functional.pad(h, p)
                                                                       for h in self.layout.split(t, 1)), 1)
                             for t, p in ((up, (0, 0, 0, pad)), (bias, (0, pad))))
                 down = nn.functional.pad(down, (0, pad))
