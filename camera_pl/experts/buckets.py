@@ -12,9 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALIGNMENTS = (64, 32, 16, 8, 4, 2, 1)
-"""Candidate bucket-width multiples, preferred first: 64 suits tensor-core tiles, CUDA's grouped GEMM
-needs 16-byte strides (8 bf16 elements); the finer ones serve only toy widths."""
+ALIGNMENTS = (64, 32, 16, 8)
+"""Candidate bucket-width multiples, preferred first: 64 suits tensor-core tiles; torch's grouped GEMM
+(CPU and CUDA) needs 16-byte strides, 8 elements in bf16 and fp16 (4 in fp32), so 8 is the floor:
+finer multiples would send a forward to the per-expert loop, much slower for many small experts.
+Buckets of widths below 8 are stored at a power of two (1, 2, 4) instead — padding those to 8 would
+grow a model with many nearly removed experts by several percent — and padded per forward."""
+
+FORMER_ALIGNMENTS = (64, 32, 16, 8, 4, 2, 1)
+"""The candidates of camera_pl before the floor of 8 (no power-of-two widths): a saved model's buckets
+were planned with them when their shapes differ from today's plan (``plan_buckets(..., former=True)``,
+see :meth:`RaggedExperts._load_from_state_dict`)."""
 
 
 @dataclass(frozen=True)
@@ -30,30 +38,35 @@ class BucketPlan:
         return sum(w * len(m) - sum(expert_widths[e] for e in m) for m, w in zip(self.members, self.widths))
 
 
-def _round_up(width: int, align: int) -> int:
+def stored_width(width: int, align: int, former: bool = False) -> int:
+    """The bucket width that holds experts of up to ``width`` kept micro-experts: ``width`` rounded up to
+    ``align``, or below :data:`ALIGNMENTS`' floor to a power of two (``former``: always to ``align``)."""
+    if width < ALIGNMENTS[-1] and not former:
+        return 1 << (width - 1).bit_length()
     return -(-width // align) * align
 
 
-def choose_alignment(widths: list[int], max_padding: float) -> int:
-    """The largest of :data:`ALIGNMENTS` whose rounding alone pads at most half the budget."""
-    kept = sum(widths)
-    for align in ALIGNMENTS:
-        if sum(_round_up(w, align) - w for w in widths) <= 0.5 * max_padding * kept:
+def choose_alignment(widths: list[int], max_padding: float, former: bool = False) -> int:
+    """The largest candidate alignment whose rounding alone pads at most half the budget (else the finest)."""
+    kept, alignments = sum(widths), FORMER_ALIGNMENTS if former else ALIGNMENTS
+    for align in alignments:
+        if sum(stored_width(w, align, former) - w for w in widths if w) <= 0.5 * max_padding * kept:
             return align
-    return ALIGNMENTS[-1]
+    return alignments[-1]
 
 
-def plan_buckets(widths: list[int], max_padding: float = 0.10) -> BucketPlan:
+def plan_buckets(widths: list[int], max_padding: float = 0.10, former: bool = False) -> BucketPlan:
     """The fewest width buckets whose padding is at most ``max_padding`` of the kept micro-experts.
 
     Experts of width 0 belong to no bucket. Buckets are contiguous runs of the experts sorted by
     width (an optimal partition has this form); for each bucket count a dynamic program finds
     the least padding, and the first count within budget wins (at worst one bucket per distinct
-    rounded width, where only the alignment pads).
+    stored width, where only the rounding pads). ``former``: the plan of camera_pl before the
+    alignment floor (:data:`FORMER_ALIGNMENTS`), to read older saves.
     """
     if not 0.0 <= max_padding < 1.0:
         raise ValueError(f"max_padding must be in [0, 1), got {max_padding}.")
-    align = choose_alignment(widths, max_padding)
+    align = choose_alignment(widths, max_padding, former)
     order = sorted((e for e, w in enumerate(widths) if w > 0), key=lambda e: (widths[e], e))
     if not order:
         return BucketPlan((), (), align)
@@ -64,12 +77,12 @@ def plan_buckets(widths: list[int], max_padding: float = 0.10) -> BucketPlan:
         prefix.append(prefix[-1] + w)
 
     def cost(i: int, j: int) -> int:  # padding of one bucket holding sorted experts i..j-1
-        return _round_up(sizes[j - 1], align) * (j - i) - (prefix[j] - prefix[i])
+        return stored_width(sizes[j - 1], align, former) * (j - i) - (prefix[j] - prefix[i])
 
-    budget = max(max_padding * prefix[n], sum(_round_up(w, align) - w for w in sizes))
+    budget = max(max_padding * prefix[n], sum(stored_width(w, align, former) - w for w in sizes))
     best = [cost(0, j) if j else 0 for j in range(n + 1)]  # least padding of the first j experts in k buckets
     cuts = [[0] for _ in range(n + 1)]
-    distinct = len({_round_up(w, align) for w in sizes})
+    distinct = len({stored_width(w, align, former) for w in sizes})
     for k in range(1, distinct + 1):
         if k > 1:
             new, new_cuts = best[:], [c[:] for c in cuts]
@@ -82,6 +95,5 @@ def plan_buckets(widths: list[int], max_padding: float = 0.10) -> BucketPlan:
             break
     bounds = cuts[n] + [n]
     members = tuple(tuple(sorted(order[a:b])) for a, b in zip(bounds, bounds[1:]) if b > a)
-    bucket_widths = tuple(_round_up(max(widths[e] for e in m), align) for m in members)
+    bucket_widths = tuple(stored_width(max(widths[e] for e in m), align, former) for m in members)
     return BucketPlan(members, bucket_widths, align)
-

@@ -124,7 +124,40 @@ class RaggedExperts(WritesInPlace, CameraExperts):
                                              None if bias is None else bias[e]))
                 channels.append(legacy["channel_index"][s])
             state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
+        elif (former := self._former_plan(state_dict, prefix)) is not None:
+            self._restack(state_dict, prefix, former)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _restack(self, state_dict: dict, prefix: str, former: BucketPlan) -> None:
+        """Replace, in ``state_dict``, buckets planned as ``former`` by this plan's (same weights, other stacks)."""
+        names = [n for b in range(len(former.members)) for n in
+                 (self._up_name(b), f"{self._up_name(b)}_bias", f"down_{b}", f"channels_{b}")]
+        stored = {n: state_dict.pop(prefix + n) for n in names if prefix + n in state_dict}
+        bias = state_dict.get(prefix + "down_bias")
+        where = {e: (b, p) for b, members in enumerate(former.members) for p, e in enumerate(members)}
+        weights, channels = [], []
+        for e in range(self.num_experts):
+            (b, p), k = where.get(e, (0, 0)), int(self._widths[e])  # width 0: empty slices of bucket 0
+            up_bias = stored.get(f"{self._up_name(b)}_bias")
+            weights.append(self._expert(stored[self._up_name(b)][p], stored[f"down_{b}"][p],
+                                        None if up_bias is None else up_bias[p], k, None if bias is None else bias[e]))
+            channels.append(stored[f"channels_{b}"][p, :k])
+        state_dict.update({prefix + k: v for k, v in self._stacked_state(weights, channels).items()})
+
+    def _former_plan(self, state_dict: dict, prefix: str) -> BucketPlan | None:
+        """The former planner's buckets (finer alignments, :data:`~camera_pl.experts.buckets.FORMER_ALIGNMENTS`)
+        where ``state_dict`` holds their shapes rather than this plan's: a save of camera_pl before the change.
+        Any other mismatch is left to ``load_state_dict``'s own size error."""
+        stored = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
+                  if k.startswith(prefix + "channels_") and k[len(prefix) + 9:].isdigit()}
+
+        def shapes(plan: BucketPlan) -> dict[str, tuple[int, int]]:
+            return {f"channels_{b}": (len(m), w) for b, (m, w) in enumerate(zip(plan.members, plan.widths))}
+
+        if not stored or stored == shapes(self.plan):
+            return None
+        former = plan_buckets(self._widths.tolist(), former=True)
+        return former if stored == shapes(former) else None
 
     # ---- the experts interface -------------------------------------------------------------
     def _stacks(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -151,12 +184,18 @@ class RaggedExperts(WritesInPlace, CameraExperts):
             return w if dtype is None else cast(w, dtype)
         (b, p), k = self._where[e], int(self._widths[e])
         up_stack, down_stack, bias_stack = self._stacks(b)
-        gate, up = self.layout.split(up_stack[p], 0)
-        gate_bias, up_bias = (None, None) if bias_stack is None else self.layout.split(bias_stack[p], 0)
-        w = ExpertWeights(None if gate is None else gate[:k], up[:k], down_stack[p][:, :k],
-                          None if gate_bias is None else gate_bias[:k], None if up_bias is None else up_bias[:k],
-                          None if self.down_bias is None else self.down_bias[e])
+        w = self._expert(up_stack[p], down_stack[p], None if bias_stack is None else bias_stack[p], k,
+                         None if self.down_bias is None else self.down_bias[e])
         return w if dtype is None else cast(w, dtype)
+
+    def _expert(self, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None, k: int,
+                down_bias: torch.Tensor | None) -> ExpertWeights:
+        """Views of the first ``k`` slots of one stacked expert: packed gate/up ``up``, ``down``, packed ``bias``."""
+        gate, up = self.layout.split(up, 0)
+        gate_bias, up_bias = (None, None) if bias is None else self.layout.split(bias, 0)
+        return ExpertWeights(None if gate is None else gate[:k], up[:k], down[:, :k],
+                             None if gate_bias is None else gate_bias[:k], None if up_bias is None else up_bias[:k],
+                             down_bias)
 
     def weight_parameters(self) -> list[str]:
         return [name for b in range(len(self.plan.members)) for name in (self._up_name(b), f"down_{b}")]
@@ -173,15 +212,23 @@ class RaggedExperts(WritesInPlace, CameraExperts):
         """The buckets' stored stacks, in the grouped-GEMM orientation (views; gated experts without a post-norm)."""
         if not self.layout.has_gate or self.layout.post_norm or not grouped_mm_supported(x) or self.dtype != x.dtype:
             return None
-        if any(d * x.element_size() % 16 for d in (self.hidden_size, *self.plan.widths)):
-            return None  # grouped GEMM needs 16-byte aligned strides (toy widths): the per-expert loop runs
+        step = 16 // x.element_size()  # grouped GEMM needs 16-byte aligned strides
+        if self.hidden_size % step:
+            return None  # toy hidden sizes: the per-expert loop runs
         groups = []
         for b, members in enumerate(self.plan.members):
             up, down, bias = self._stacks(b)
-            widths = self.get_buffer(f"widths_{b}") if self._padded[b] else None
+            channels, pad = self.get_buffer(f"channels_{b}"), -self.plan.widths[b] % step
+            if pad:  # buckets of widths below 8 (1, 2, 4): zero slots appended for this forward, a small copy
+                up, bias = (None if t is None else self.layout.pack(*(nn.functional.pad(h, p)
+                                                                      for h in self.layout.split(t, 1)), 1)
+                            for t, p in ((up, (0, 0, 0, pad)), (bias, (0, pad))))
+                down = nn.functional.pad(down, (0, pad))
+                channels = nn.functional.pad(channels, (0, pad), value=self.intermediate_size)
+            widths = self.get_buffer(f"widths_{b}") if self._padded[b] or pad else None
             groups.append(GroupedWeights(up.transpose(1, 2), down.transpose(1, 2), bias,
                                          None if self.down_bias is None else self.down_bias[list(members)],
-                                         channels=self.get_buffer(f"channels_{b}"), widths=widths))
+                                         channels=channels, widths=widths))
         return WeightGroups(groups, [list(m) for m in self.plan.members], self.group_of)
 
     # ---- description -------------------------------------------------------------------------
