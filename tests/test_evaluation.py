@@ -96,17 +96,20 @@ def test_perplexity_ignores_masked_labels_and_rejects_nothing_scored() -> None:
         perplexity(Uniform(), [dict(batch, labels=torch.full_like(ids, IGNORE))])
 
 
+def _reference_with_data(name: str):
+    """Reference model ``name``, its tokenizer, a small data module of its own corpus and 2 test batches."""
+    from camera_pl.data import TextDataModule
+    from camera_pl.reference import reference_model, reference_spec
+
+    model, tok = reference_model(name)
+    dm = TextDataModule(tok, block_size=128, batch_size=4, max_documents=20, corpus=reference_spec(name).corpus)
+    return model, tok, dm, list(dm.test_dataloader())[:2]
+
+
 @pytest.mark.parametrize("name", ["qwen3-moe-16x2", "qwen2-moe-64x6"])
 def test_perplexity_equals_float64_cross_entropy_on_reference_model(name) -> None:
     """torchmetrics' Perplexity (shifted, float64 sums) equals a float64 cross-entropy over the same tokens."""
-    from camera_pl.data import TextDataModule
-    from camera_pl.reference import REFERENCE_MODELS, reference_model
-
-    if not (REFERENCE_MODELS[name].weights_dir / "model.safetensors").is_file():
-        pytest.skip(f"reference weights of {name} not trained yet")
-    model, tok = reference_model(name)
-    dm = TextDataModule(tok, block_size=128, batch_size=4, max_documents=20, corpus=REFERENCE_MODELS[name].corpus)
-    test = list(dm.test_dataloader())[:2]
+    model, _, _, test = _reference_with_data(name)
     nll, count = _shifted_nll(model, test)
     assert perplexity(model, test) == pytest.approx(math.exp(nll / count), rel=1e-6)
 
@@ -211,12 +214,5 @@ def test_reference_model_reports_missing_weights(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["qwen3-moe-16x2", "qwen2-moe-64x6"])
 def test_each_reference_model_loads_with_its_own_corpus(name) -> None:
-    from camera_pl.data import TextDataModule
-    from camera_pl.reference import REFERENCE_MODELS, reference_model
-
-    if not (REFERENCE_MODELS[name].weights_dir / "model.safetensors").is_file():
-        pytest.skip(f"reference weights of {name} not trained yet")
-    model, tok = reference_model(name)
-    dm = TextDataModule(tok, block_size=128, batch_size=4, max_documents=20, corpus=REFERENCE_MODELS[name].corpus)
-    test = list(dm.test_dataloader())[:2]
+    model, tok, dm, test = _reference_with_data(name)
     assert perplexity(model, test) < 0.2 * unigram_perplexity(dm.train_dataloader(), test, len(tok))
