@@ -1,7 +1,8 @@
 """Quality of mixed-precision expert quantization at 2.0 / 2.5 / 3.0 average bits.
 
-For each budget and allocation method (CAMERA-Q with its measured output cost, with the proxy
-cost, and with the proxy cost on HEAPr's score; pmq, uniform, matrix, channel) the experts
+For each budget and allocation method (CAMERA-Q with its measured costs — in the loss metric and
+in the layer output —, with the proxy cost, and with the proxy cost on HEAPr's score; pmq,
+uniform, matrix, channel) the experts
 of a fresh copy of the model are quantized (RTN, and GPTQ with ``--gptq``) and packed;
 the script measures test perplexity, the mean KL divergence of next-token distributions
 from the unquantized model, and the packed routed-expert bytes (scales, zeros and bit maps
@@ -30,9 +31,10 @@ from camera_pl.eval.evaluation import perplexity
 from camera_pl import quantize
 
 BUDGETS = (2.0, 2.25, 2.5, 3.0)
-METHODS = ("camera@output", "camera@proxy", "camera:heapr@proxy", "pmq", "uniform", "matrix", "channel")
-"""Bit allocations compared, as ``method[:score][@cost]``: ``camera@output`` / ``camera@proxy`` is CAMERA-Q with
-that ``cost``; ``camera:heapr@proxy`` ranks micro-experts by HEAPr's score instead of CAMERA's."""
+METHODS = ("camera@loss", "camera@output", "camera@proxy", "camera:heapr@proxy", "pmq", "uniform", "matrix", "channel")
+"""Bit allocations compared, as ``method[:score][@cost]``: ``camera@loss`` / ``camera@output`` / ``camera@proxy`` is
+CAMERA-Q with that ``cost`` (``loss`` is what ``auto`` picks here); ``camera:heapr@proxy`` ranks micro-experts by
+HEAPr's score instead of CAMERA's."""
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -149,9 +151,9 @@ def run(model, calib, test, what: str, args: argparse.Namespace, out: Path) -> N
             # Layouts differ in scale overhead (down rows of a fine-grained expert are short, so their
             # groups are small): CAMERA-Q again at the code bits that store as much as the largest baseline.
             baselines = [v for k, v in stored.items() if not k.startswith("camera")]
-            if "camera@output" in stored and baselines and max(baselines) > stored["camera@output"]:
-                extra = max(baselines) - stored["camera@output"]
-                measure("camera@output, storage-matched", quantizer, budget, budget + extra, "output")
+            if "camera@loss" in stored and baselines and max(baselines) > stored["camera@loss"]:
+                extra = max(baselines) - stored["camera@loss"]
+                measure("camera@loss, storage-matched", quantizer, budget, budget + extra, "loss")
     print(f"wrote {out}")
 
 

@@ -18,8 +18,9 @@ CHOICES = (1, 2, 4)
 
 
 @torch.no_grad()
-def brute_force(layer, inputs, e: int, j: int, bits: int, group_size: int) -> float:
-    """Σ g²‖y_q − y‖² over expert e's routed tokens with only micro-expert j's rows rounded to ``bits``."""
+def brute_force(layer, inputs, e: int, j: int, bits: int, group_size: int, metric=None) -> float:
+    """Σ g²‖y_q − y‖² over expert e's routed tokens with only micro-expert j's rows rounded to ``bits``
+    (with ``metric``: Σ Δfᵀ M Δf on the expert's own outputs, no routing weight)."""
     experts = layer.experts
     tok, slot = inputs.routed(e)
     x, g = inputs.hidden[tok].float(), inputs.weights[tok, slot].float()[:, None]
@@ -35,7 +36,11 @@ def brute_force(layer, inputs, e: int, j: int, bits: int, group_size: int) -> fl
                       w.gate_bias, w.up_bias, w.down_bias)
     y = experts.output(e, experts.activation(e, x, w), w)
     yq = experts.output(e, experts.activation(e, x, q), q)
-    return float((g * (yq - y)).square().sum())
+    if metric is None:
+        return float((g * (yq - y)).square().sum())
+    diff = (yq - y).double()
+    m = metric.double()
+    return float(((diff @ m) * diff).sum() if m.dim() == 2 else (diff * m * diff).sum())
 
 
 @pytest.mark.parametrize("arch,pruned", [("qwen3_moe", False), ("gpt_oss", False), ("qwen2_moe", True)])
@@ -104,3 +109,44 @@ def test_auto_cost_measures_whenever_calibration_data_is_given():
     auto = bits(calib_dataloader=CALIB)
     assert all(torch.equal(a, b) for a, b in zip(auto.values(), output.values()))
     assert any(not torch.equal(a, b) for a, b in zip(proxy.values(), output.values()))
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_loss_metric_errors_equal_brute_force(full):
+    torch.manual_seed(0)
+    model = tiny_moe("qwen3_moe")
+    layer = moe_layers(model)[0]
+    inputs = capture_layer_inputs(model, layer, CALIB)
+    hidden, num = layer.hidden_size, layer.num_experts
+    g = torch.randn(num, 3 * hidden, hidden)
+    curvature = g.transpose(1, 2) @ g if full else g.square().sum(1)  # PSD, like Σ ∇f ∇fᵀ (or its diagonal)
+    counts = torch.arange(1, num + 1)
+    cost = micro_output_errors(layer, inputs, CHOICES, 8, curvature, counts)
+    checked = 0
+    for e in range(num):
+        if inputs.routed(e)[0].numel() == 0:
+            continue
+        metric = curvature[e] / counts[e]
+        for j in (0, layer.intermediate_size - 1):
+            for k, b in enumerate(CHOICES):
+                assert cost[e, j, k].item() == pytest.approx(brute_force(layer, inputs, e, j, b, 8, metric), rel=1e-3)
+                checked += 1
+    assert checked >= 6
+
+
+def test_loss_cost_needs_heapr_statistics_and_auto_uses_them():
+    from camera_pl import allocate
+
+    model = tiny_moe("qwen3_moe")
+    plain, curved = collect_stats(model, CALIB), collect_stats(model, CALIB, heapr_mode="auto")
+    with pytest.raises(ValueError, match="heapr_mode"):
+        allocate(model, plain, method="camera", avg_bits=2.5, cost="loss", calib_dataloader=CALIB)
+
+    def bits(stats, **options):
+        out = allocate(model, stats, method="camera", avg_bits=2.5, calib_dataloader=CALIB, **options)
+        return [b.up for b in out.values()]
+
+    loss, output = bits(curved, cost="loss"), bits(curved, cost="output")
+    assert all(torch.equal(a, b) for a, b in zip(bits(curved), loss))  # auto: the loss metric when it can
+    assert all(torch.equal(a, b) for a, b in zip(bits(plain), output))  # auto without curvature: output errors
+    assert any(not torch.equal(a, b) for a, b in zip(loss, output))

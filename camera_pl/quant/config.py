@@ -11,7 +11,7 @@ from camera_pl.quant.quantizers import MAX_BITS, MIN_BITS
 from camera_pl.stats.scores import score_methods
 
 QUANTIZERS = ("rtn", "gptq")
-COSTS = ("auto", "proxy", "output")
+COSTS = ("auto", "proxy", "output", "loss")
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,11 @@ class QuantizeConfig(Config):
         cost: what ``method="camera"`` with ``avg_bits`` minimises: ``"proxy"`` (score × relative
             RTN error of each micro-expert's rows; statistics only), ``"output"`` (each
             micro-expert's measured error in the layer output on calibration tokens; needs
-            ``calib_dataloader``, sequential like GPTQ) or ``"auto"`` (the default: ``output``
-            whenever calibration data is at hand — GPTQ, or a ``calib_dataloader`` given —
-            else ``proxy``).
+            ``calib_dataloader``, sequential like GPTQ), ``"loss"`` (that error measured in the
+            metric of HEAPr's loss curvature; also needs statistics collected with ``heapr_mode``)
+            or ``"auto"`` (the default: ``loss`` when calibration data is at hand — GPTQ, or a
+            ``calib_dataloader`` given — and the statistics hold HEAPr's curvature, ``output``
+            with calibration data alone, else ``proxy``).
         reduce_ratio: the CAMERA score's peak/total energy mix.
         score: the micro-expert importance ``method="camera"`` ranks (rank groups) or weighs (budget)
             by: ``camera`` or another micro-level score of ``camera_pl.score_methods("micro")``, e.g.
@@ -138,12 +140,12 @@ class QuantizeConfig(Config):
     @property
     def needs_inputs(self) -> bool:
         """The bit allocation measures output errors on calibration inputs (PMQ, CAMERA-Q's output cost)."""
-        return BIT_ALLOCATIONS[self.method].needs_inputs or self.cost == "output"
+        return BIT_ALLOCATIONS[self.method].needs_inputs or self.cost in ("output", "loss")
 
     def measures_output(self, calibrated: bool) -> bool:
         """Whether CAMERA-Q's budget follows measured output errors, given whether calibration data is at hand."""
         budgeted = self.method == "camera" and self.avg_bits is not None
-        return budgeted and (self.cost == "output" or (self.cost == "auto" and calibrated))
+        return budgeted and (self.cost in ("output", "loss") or (self.cost == "auto" and calibrated))
 
     @property
     def needs_calibration(self) -> bool:

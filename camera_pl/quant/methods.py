@@ -138,17 +138,23 @@ def _bits_for(layer: MoELayer, gate: torch.Tensor, up: torch.Tensor, down: torch
 
 
 @torch.no_grad()
-def micro_output_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int, ...],
-                        group_size: int) -> torch.Tensor:
-    """Measured output error of every micro-expert at each bit choice: ``[E, I, K]`` (float64, CPU).
+def micro_output_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int, ...], group_size: int,
+                        curvature: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Measured error of every micro-expert at each bit choice: ``[E, I, K]`` (float64, CPU).
 
-    Micro-expert j of expert e, its gate row, up row and down column RTN-rounded together to
-    ``b`` bits and everything else exact, adds ``Σ_t g_t² ‖d̂_j·â_j(x_t) − d_j·a_j(x_t)‖²`` to the
-    layer output over the calibration tokens t routed to e (``g`` the routing weight); cross
-    terms between micro-experts are left out. Unlike the proxy cost (score × relative weight
-    error) this sees the inputs each row gets and the gating non-linearity: a gate row rounded
-    to 1 bit can open a channel that was nearly shut, an error far above that channel's energy.
-    Micro-experts never routed in calibration cost nothing.
+    Micro-expert j of expert e has its gate row, up row and down column RTN-rounded together to
+    ``b`` bits and everything else exact; over the calibration tokens t routed to e its change
+    of the expert's output is ``Δf_t = d̂_j·â_j(x_t) − d_j·a_j(x_t)``. The error is
+
+    * without ``curvature``: ``Σ_t g_t² ‖Δf_t‖²``, what it adds to the layer output (``g`` the routing weight);
+    * with HEAPr's ``curvature`` (``Σ_t ∇f ∇fᵀ [E, H, H]`` at each expert's output, or its
+      diagonal ``[E, H]``; ``counts [E]`` its tokens): ``Σ_t Δf_tᵀ M̄_e Δf_t`` with ``M̄_e`` the
+      per-token mean — the second-order change of the loss, the gradients' covariance standing
+      in for each token's own gradient (which already carries the routing weight).
+
+    Cross terms between micro-experts are left out. Unlike the proxy cost (score × relative
+    weight error) this sees the inputs each row gets and the gating non-linearity: a gate row
+    rounded to 1 bit can open a channel that was nearly shut. Unrouted micro-experts cost nothing.
     """
     experts = layer.experts
     if experts.layout.post_norm:
@@ -158,14 +164,26 @@ def micro_output_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int
     cost = torch.zeros(layer.num_experts, layer.intermediate_size, width, dtype=torch.float64)
     for e in range(layer.num_experts):
         tok, slot = inputs.routed(e)
-        if tok.numel() == 0:
+        if tok.numel() == 0 or (curvature is not None and int(counts[e]) == 0):
             continue
         x = inputs.hidden[tok].float()
-        g2 = inputs.weights[tok, slot].float().square()[:, None]
         w = experts.weights(e, torch.float32)
         a = experts.activation(e, x, w)
         down_cols = w.down.t()
-        exact = (g2 * a * a).sum(0) * down_cols.square().sum(1)
+        if curvature is None:
+            token_weight = inputs.weights[tok, slot].float().square()[:, None]
+            metric = None
+        else:
+            token_weight = torch.ones(1, 1, device=a.device)
+            metric = (curvature[e].double() / float(counts[e])).float().to(a.device)
+
+        def inner(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Row-wise ``uᵀ M v`` (``M`` the metric; the identity without curvature)."""
+            if metric is None:
+                return (u * v).sum(1)
+            return ((u @ metric) * v).sum(1) if metric.dim() == 2 else (u * metric * v).sum(1)
+
+        exact = (token_weight * a * a).sum(0) * inner(down_cols, down_cols)
         rows = torch.cat([m for m in (w.gate, w.up, down_cols) if m is not None])
         per_expert = torch.empty(a.shape[1], width, dtype=torch.float64, device=a.device)
         for k, deq in fake_quantized(rows, choices, group_size):
@@ -173,11 +191,19 @@ def micro_output_errors(layer: MoELayer, inputs: LayerInputs, choices: tuple[int
             q = ExpertWeights(gate_up[0] if w.gate is not None else None, gate_up[-1], dq.t(),
                               w.gate_bias, w.up_bias, w.down_bias)
             aq = experts.activation(e, x, q)
-            err = (dq.square().sum(1) * (g2 * aq * aq).sum(0) - 2 * (dq * down_cols).sum(1) * (g2 * aq * a).sum(0)
-                   + exact)
+            err = (inner(dq, dq) * (token_weight * aq * aq).sum(0)
+                   - 2 * inner(dq, down_cols) * (token_weight * aq * a).sum(0) + exact)
             per_expert[:, k] = err.double().clamp_min(0)
         cost[e, experts.channels(e).cpu()] = per_expert.cpu()
     return cost
+
+
+def _curvature(stats: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """HEAPr's per-expert output curvature (full or diagonal) and token counts in ``stats``, or Nones."""
+    if stats is None:
+        return None, None
+    curvature = stats.get("heapr_m", stats.get("heapr_diag"))
+    return (None, None) if curvature is None else (curvature, stats["count"])
 
 
 @register_bit_allocation("camera")
@@ -185,9 +211,10 @@ def camera_allocation(ctx: AllocationContext) -> LayerBits:
     """CAMERA-Q: one bit-width per micro-expert, by score-rank groups or under an ``avg_bits`` budget.
 
     The budget is spent by the cost ``ctx.config.cost`` names: ``proxy`` (score × relative RTN
-    error of the micro-expert's rows, from statistics alone) or ``output`` (its measured output
-    error on calibration tokens, :func:`micro_output_errors`); ``auto`` measures whenever the
-    layer's calibration inputs were captured.
+    error of the micro-expert's rows, from statistics alone), ``output`` (its measured output
+    error on calibration tokens) or ``loss`` (that error in the metric of HEAPr's loss curvature),
+    see :func:`micro_output_errors`; ``auto`` measures whenever the layer's calibration inputs
+    were captured, in the loss metric when the statistics hold HEAPr's curvature.
     """
     layer, score, avg_bits = ctx.layer, ctx.score, ctx.config.avg_bits
     groups, choices, group_size = ctx.config.rank_groups, ctx.config.bit_choices, ctx.config.group_size
@@ -195,7 +222,13 @@ def camera_allocation(ctx: AllocationContext) -> LayerBits:
         bits = rank_groups(score.cpu(), groups)
     else:
         if ctx.config.measures_output(ctx.inputs is not None):
-            cost = micro_output_errors(layer, ctx.inputs, choices, group_size)
+            curvature, counts = _curvature(ctx.stats)
+            if ctx.config.cost == "loss" and curvature is None:
+                raise ValueError("cost='loss' weighs output errors by HEAPr's loss curvature, which these statistics "
+                                 "lack: collect them with camera_pl.collect_stats(..., heapr_mode='auto').")
+            if ctx.config.cost == "output":
+                curvature = None
+            cost = micro_output_errors(layer, ctx.inputs, choices, group_size, curvature, counts)
         else:
             cost = score.cpu().double()[..., None] * sum(_relative_errors(layer, choices, group_size).values())
         present = present_channels(layer)
