@@ -181,8 +181,8 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     was_training = model.training
     model.eval()
     reports = []
-    calibrated = config.quantizer == "gptq" or (allocation is None and (
-        config.needs_inputs or config.measures_output(calib_dataloader is not None)))
+    measured = allocation is None and config.measures_output(calib_dataloader is not None)
+    calibrated = config.quantizer == "gptq" or measured
 
     def quantize_one(layer, inputs) -> None:
         with torch.no_grad():
@@ -230,7 +230,7 @@ def allocate(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     _check_pmq_budget(layers, config)
     scores, energy = _scores(model, stats, config)
     out = {}
-    measured = config.needs_inputs or config.measures_output(calib_dataloader is not None)
+    measured = config.measures_output(calib_dataloader is not None)
     if offload is not None and measured:
         for step in LayerByLayer(model, calib_dataloader, offload, config.max_calib_tokens):
             if step.moe is not None:

@@ -143,9 +143,10 @@ class QuantizeConfig(Config):
         return BIT_ALLOCATIONS[self.method].needs_inputs or self.cost in ("output", "loss")
 
     def measures_output(self, calibrated: bool) -> bool:
-        """Whether CAMERA-Q's budget follows measured output errors, given whether calibration data is at hand."""
-        budgeted = self.method == "camera" and self.avg_bits is not None
-        return budgeted and (self.cost in ("output", "loss") or (self.cost == "auto" and calibrated))
+        """Whether the allocation measures output errors on calibration inputs (PMQ, CAMERA-Q's measured costs),
+        given whether calibration data is at hand (``cost="auto"`` measures only then)."""
+        auto = self.cost == "auto" and self.method == "camera" and self.avg_bits is not None
+        return self.needs_inputs or (auto and calibrated)
 
     @property
     def needs_calibration(self) -> bool:
