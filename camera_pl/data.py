@@ -140,10 +140,14 @@ def stdlib_tests_corpus(split: str | None = None, fractions: tuple[float, float]
 CORPORA: dict[str, Callable[..., list[Path]]] = {"stdlib": stdlib_corpus, "stdlib-tests": stdlib_tests_corpus}
 
 
-def corpus_files(name: str, split: str | None = None) -> list[Path]:
-    """Files of the built-in corpus ``name`` (a key of `CORPORA`) for one split (None: all)."""
+def _check_corpus(name: str) -> None:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; built-in corpora are {sorted(CORPORA)}, or pass data_files")
+
+
+def corpus_files(name: str, split: str | None = None) -> list[Path]:
+    """Files of the built-in corpus ``name`` (a key of `CORPORA`) for one split (None: all)."""
+    _check_corpus(name)
     return CORPORA[name](split)
 
 
@@ -340,8 +344,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError("pass either data_files or hf_dataset, not both")
         if streaming and num_workers > 1:
             raise ValueError("streaming reads each split in one pass; use num_workers 0 or 1 with streaming=True")
-        if corpus not in CORPORA:
-            raise ValueError(f"unknown corpus {corpus!r}; built-in corpora are {sorted(CORPORA)}, or pass data_files")
+        _check_corpus(corpus)
         split_of("", fractions)  # validates the fractions early
         self.tokenizer = tokenizer
         self.block_size, self.batch_size = block_size, batch_size
