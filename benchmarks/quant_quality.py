@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from camera_pl import collect_stats, moe_layers
-from camera_pl.eval.evaluation import perplexity
+from camera_pl.eval.evaluation import mean_kl, perplexity
 from camera_pl import quantize
 
 BUDGETS = (2.0, 2.25, 2.5, 3.0)
@@ -91,20 +91,6 @@ def byte_setup(batches: int, test_batches: int, block: int, steps: int):
                                 f"{steps} steps here on stdlib train files; held-out stdlib test files")
 
 
-@torch.no_grad()
-def kl_from(base_logits: list[torch.Tensor], model, test) -> float:
-    """Mean KL(base || model) of next-token distributions over the test batches' unpadded tokens."""
-    total, count = 0.0, 0
-    for ref, b in zip(base_logits, test):
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        mask = b["attention_mask"].bool()
-        p = torch.log_softmax(ref.float(), -1)[mask]
-        q = torch.log_softmax(logits.float(), -1)[mask]
-        total += float((p.exp() * (p - q)).sum())
-        count += int(mask.sum())
-    return total / count
-
-
 def run(model, calib, test, what: str, args: argparse.Namespace, out: Path) -> None:
     """Every method x budget x quantizer on one model; the table is rewritten after each row."""
     stats = collect_stats(model, calib, heapr_mode="auto")  # HEAPr's curvature too, for camera:heapr
@@ -132,7 +118,7 @@ def run(model, calib, test, what: str, args: argparse.Namespace, out: Path) -> N
         report = quantize(q, stats, method=method, avg_bits=avg_bits, quantizer=quantizer, calib_dataloader=calib,
                           **({"cost": cost} if cost else {}), **({"score": score} if score else {}))
         seconds = time.perf_counter() - start
-        ppl, kl = perplexity(q, test), kl_from(base_logits, q, test)
+        ppl, kl = perplexity(q, test), mean_kl(base_logits, q, test)
         rows.append((label, quantizer, f"{budget}", f"{report.avg_bits:.3f}/{report.bits_per_param:.3f}",
                      f"{ppl:.3f}", f"{kl:.2e}", str(report.expert_bytes), f"{seconds:.1f}"))
         print(" | ".join(rows[-1]), flush=True)

@@ -22,23 +22,10 @@ import torch
 
 from camera_pl import collect_stats, prune
 from camera_pl.data import TextDataModule
-from camera_pl.eval.evaluation import perplexity
+from camera_pl.eval.evaluation import mean_kl, perplexity
 from camera_pl.reference import REFERENCE_MODELS, reference_model, reference_spec
 
 OUT = Path(__file__).parent / "results" / "sequential_pruning.md"
-
-
-@torch.no_grad()
-def mean_kl(base_logits: list[torch.Tensor], model, test: list[dict]) -> float:
-    """Mean KL(dense || model) over the unpadded test tokens."""
-    total, count = 0.0, 0
-    for ref, batch in zip(base_logits, test):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = batch["attention_mask"].bool()
-        p, q = torch.log_softmax(ref.float(), -1)[mask], torch.log_softmax(logits.float(), -1)[mask]
-        total += float((p.exp() * (p - q)).sum())
-        count += int(mask.sum())
-    return total / count
 
 
 def main() -> None:

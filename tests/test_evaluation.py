@@ -216,3 +216,22 @@ def test_reference_model_reports_missing_weights(tmp_path) -> None:
 def test_each_reference_model_loads_with_its_own_corpus(name) -> None:
     model, tok, dm, test = _reference_with_data(name)
     assert perplexity(model, test) < 0.2 * unigram_perplexity(dm.train_dataloader(), test, len(tok))
+
+
+def test_mean_kl_is_zero_against_itself_and_a_masked_kl_otherwise() -> None:
+    from camera_pl.eval.evaluation import mean_kl
+    from camera_pl.testing import tiny_moe
+
+    from conftest import make_batch
+
+    batches = [make_batch(seed=s) for s in range(2)]  # the last row of each is padded
+    model, other = tiny_moe("qwen3_moe"), tiny_moe("qwen3_moe", seed=1)
+    with torch.no_grad():
+        own = [model(**b).logits for b in batches]
+        theirs = [other(**b).logits for b in batches]
+    assert mean_kl(own, model, batches) == pytest.approx(0.0, abs=1e-9)
+    mask = torch.cat([b["attention_mask"].bool().flatten() for b in batches])
+    p = torch.cat([t.flatten(0, 1) for t in own])[mask].log_softmax(-1)
+    q = torch.cat([t.flatten(0, 1) for t in theirs])[mask].log_softmax(-1)
+    expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean")
+    assert mean_kl(own, other, batches) == pytest.approx(float(expected), rel=1e-5)

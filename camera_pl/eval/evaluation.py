@@ -7,13 +7,15 @@
   torchmetrics does not shift, so `perplexity` pairs position ``t``'s logits
   with ``labels[t + 1]`` itself, and casts logits to float32 first (the metric
   takes a softmax in the logits' own dtype, which bf16 would spoil).
+* `mean_kl` is how far a compressed model's next-token distributions moved from a
+  reference model's logits, over the unpadded tokens.
 * `unigram_perplexity` is the baseline a model must beat: add-one-smoothed
   unigram frequencies from training tokens, scored on the same test positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +47,25 @@ def perplexity(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max
     if scored == 0:
         raise ValueError("no tokens were scored: every label is -100 (or no batches); check the attention masks/labels")
     return float(metric.compute())
+
+
+@torch.no_grad()
+def mean_kl(reference_logits: Sequence[torch.Tensor], model: nn.Module,
+            batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Mean KL(reference ‖ model) of next-token distributions over the batches' unpadded tokens.
+
+    ``reference_logits[i]`` are the logits a reference (e.g. the dense) model gave batch ``i``.
+    """
+    device = _device(model)
+    total, count = 0.0, 0
+    for ref, batch in zip(reference_logits, batches):
+        mask = batch["attention_mask"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).logits
+        p = torch.log_softmax(ref.to(device).float(), -1)[mask.bool()]
+        q = torch.log_softmax(logits.float(), -1)[mask.bool()]
+        total += float((p.exp() * (p - q)).sum())
+        count += int(mask.sum())
+    return total / count
 
 
 def unigram_perplexity(
