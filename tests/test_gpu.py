@@ -110,3 +110,39 @@ def test_offloaded_layer_by_layer_matches_in_memory_cuda():
     with torch.no_grad():
         torch.testing.assert_close(home.cuda()(**cuda_batch()).logits, resident(**cuda_batch()).logits,
                                    rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("arch,method", [("qwen3_moe", "camera"), ("gpt_oss", "camera"), ("mixtral", "matrix")])
+def test_lowbit_kernels_match_fake_quantization_on_cuda(arch, method, dtype, monkeypatch):
+    """The compiled low-bit kernels (prefill- and decode-sized) equal fake quantization and the grouped path."""
+    import copy
+
+    from camera_pl import moe_layers, quantize
+    from camera_pl.experts import lowbit
+
+    model = tiny_moe(arch, dtype=dtype, moe_intermediate_size=200, intermediate_size=200).cuda()
+    batch = cuda_batch()
+    stats = collect_stats(model, [batch])
+    fake, packed = copy.deepcopy(model), model
+    quantize(fake, stats, method=method, avg_bits=2.5, group_size=32, pack=False)
+    quantize(packed, stats, method=method, avg_bits=2.5, group_size=32)
+    x = torch.zeros(1, model.config.hidden_size, dtype=dtype, device="cuda")
+    assert lowbit.available(x)
+    layer, fake_layer = moe_layers(packed)[0], moe_layers(fake)[0]
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(300, layer.hidden_size, generator=gen).to(dtype).cuda()
+    index = torch.randint(0, layer.experts.num_experts, (300, 2), generator=gen).cuda()
+    weights = torch.rand(300, 2, generator=gen).to(dtype).cuda()
+    with torch.no_grad():
+        for rows in (300, 1, 3):
+            got = layer.module(h[:rows], index[:rows], weights[:rows]).float()
+            want = fake_layer.module(h[:rows], index[:rows], weights[:rows]).float()
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=0, atol=tol)
+            with monkeypatch.context() as patch:
+                patch.setattr(lowbit, "available", lambda x: False)
+                grouped = layer.module(h[:rows], index[:rows], weights[:rows]).float()
+            torch.testing.assert_close(got, grouped, rtol=0, atol=tol)
+        torch.testing.assert_close(packed(**batch).logits.float(), fake(**batch).logits.float(), rtol=0,
+                                   atol=1e-4 if dtype == torch.float32 else 0.1)

@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from camera_pl.arch.layout import ExpertsLayout
+
+if TYPE_CHECKING:
+    from camera_pl.experts.forward import SortedRouting
 
 
 @dataclass
@@ -130,6 +134,13 @@ class Experts:
         ``hit``: ascending ids of the experts that have rows in this forward (None: all); a kind
         with :attr:`grouped_subsets` may stack only those (:attr:`GroupedWeights.experts`).
         """
+        return None
+
+    def kernel_rows(self, x: torch.Tensor, routing: "SortedRouting", observed: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """Activations ``[S, ·]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of the rows ``x``
+        sorted by expert, computed by the kind's own kernels straight from its storage; None where it has none
+        for ``x``'s device and dtype (the experts forward then asks for :meth:`grouped_weights`)."""
         return None
 
     def weight_parameters(self) -> list[str]:

@@ -210,7 +210,8 @@ def sorted_activations(experts: Experts, hidden_states: torch.Tensor, routing: S
                        ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Activations ``[S, I]`` (original indices; only when ``observed``) and outputs ``[S, H]`` of the routed rows.
 
-    Grouped GEMMs where the kind offers stacks (one stack, width buckets, or per-call stacks of
+    The kind's own kernels where it has them (:meth:`~camera_pl.experts.base.Experts.kernel_rows`),
+    else grouped GEMMs where it offers stacks (one stack, width buckets, or per-call stacks of
     the hit experts in bounded batches), else one expert at a time. The third result orders the
     rows as :meth:`SortedRouting.combine` takes it: None where they are the sorted rows.
     """
@@ -219,6 +220,9 @@ def sorted_activations(experts: Experts, hidden_states: torch.Tensor, routing: S
     if isinstance(grouped, WeightGroups):
         return bucketed_rows(experts, hidden_states, routing, grouped, observed)
     x = hidden_states[routing.token_ids]
+    direct = experts.kernel_rows(x, routing, observed) if hit else None
+    if direct is not None:
+        return (*direct, None)
     if hit and experts.grouped_subsets:
         parts = []
         for batch in _batches(experts, hit, x.device):

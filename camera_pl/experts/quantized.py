@@ -37,7 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from camera_pl.experts import lowbit
 from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, cast, grouped_mm_supported
+from camera_pl.experts.forward import SortedRouting, to_original_channels
 from camera_pl.experts.module import CameraExperts
 from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows
 
@@ -149,7 +151,8 @@ class _GroupedPlan:
     ``dest[m][b]``: padded row of each row stored at ``b`` bits for matrix ``m`` (gate and up
     rows: rows of the packed ``[E·2·width, H]`` gate/up stack, in the module's layout), on the
     device and (``host``) on the CPU; ``per[m]``: rows of one expert in ``m``'s stack;
-    ``starts[m][b]``: int64 ``[E + 1]`` (CPU) first stored row of each expert at ``b`` bits.
+    ``starts[m][b]``: int64 ``[E + 1]`` (CPU) first stored row of each expert at ``b`` bits;
+    ``stores``: the stores as the low-bit kernels read them (built on their first use).
     """
 
     width: int
@@ -160,6 +163,7 @@ class _GroupedPlan:
     host: dict[str, dict[int, torch.Tensor]]
     per: dict[str, int]
     starts: dict[str, dict[int, torch.Tensor]]
+    stores: dict[str, list[lowbit.Store]] | None = None
 
 
 class QuantizedExperts(CameraExperts):
@@ -395,16 +399,67 @@ class QuantizedExperts(CameraExperts):
             kept = self._spec["matrices"]["down"]["length"]
             down = self._stack("down", plan, hit, x.new_empty(num * hidden, kept)).view(num, hidden, kept)
             down = (down if width == kept else nn.functional.pad(down, (0, width - kept))).transpose(1, 2)
-        up_bias = down_bias = None
-        if layout.has_bias:
-            def pad(bias: torch.Tensor) -> torch.Tensor:  # [ΣW] -> [E, width]
-                return bias.new_zeros(self.num_experts * width).index_put((plan.slots,), bias).view(
-                    self.num_experts, width).to(x.dtype)
-
-            up_bias = layout.pack(None if self.gate_bias is None else pad(self.gate_bias), pad(self.up_bias), 1)
-            down_bias = self.down_bias.to(x.dtype)
+        up_bias, down_bias = self._padded_biases(plan, x.dtype)
         return GroupedWeights(gate_up.view(num, 2 * width, hidden).transpose(1, 2), down, up_bias, down_bias,
                               channels=plan.channels, experts=hit)
+
+    def _padded_biases(self, plan: _GroupedPlan, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Packed gate/up biases ``[E, 2·width]`` (zeros in padded slots) and down biases ``[E, H]``, or Nones."""
+        if not self.layout.has_bias:
+            return None, None
+
+        def pad(bias: torch.Tensor) -> torch.Tensor:  # [ΣW] -> [E, width]
+            return bias.new_zeros(self.num_experts * plan.width).index_put((plan.slots,), bias).view(
+                self.num_experts, plan.width).to(dtype)
+
+        up_bias = self.layout.pack(None if self.gate_bias is None else pad(self.gate_bias), pad(self.up_bias), 1)
+        return up_bias, self.down_bias.to(dtype)
+
+    def _stores(self, device: torch.device) -> dict[str, list[lowbit.Store]]:
+        """Per matrix, its bit-width stores as the low-bit kernels read them (built once per device, on first use)."""
+        plan = self._plan(device)
+        if plan.stores is None:
+            plan.stores = {}
+            for m, info in self._spec["matrices"].items():
+                plan.stores[m] = []
+                for b, starts in plan.starts[m].items():
+                    expert = torch.repeat_interleave(torch.arange(self.num_experts), starts.diff())
+                    cols = plan.host[m][b] - expert * plan.per[m]
+                    plan.stores[m].append(lowbit.Store(
+                        b, getattr(self, f"{m}_q{b}"), getattr(self, f"{m}_s{b}").view(SCALE_DTYPE),
+                        getattr(self, f"{m}_z{b}") if b > 1 else None, starts.to(device, torch.int32),
+                        cols.to(device, torch.int32), int(starts.diff().max()), info["length"], info["group_size"]))
+        return plan.stores
+
+    def kernel_rows(self, x: torch.Tensor, routing: SortedRouting, observed: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """Activations and outputs of the sorted rows ``x`` through the low-bit kernels of
+        :mod:`camera_pl.experts.lowbit`, straight from the packed codes (CUDA with Triton, or Triton's
+        interpreter); None elsewhere. Gated experts without a post-expert norm."""
+        layout = self.layout
+        if layout.post_norm or not layout.has_gate or not lowbit.available(x):
+            return None
+        plan, stores = self._plan(x.device), self._stores(x.device)
+        tiles = lowbit.row_tiles(routing.ends, x.device)
+        proj = (x.new_zeros if plan.padded else x.new_empty)(x.shape[0], 2 * plan.width)
+        for m in ("gate", "up"):
+            for store in stores[m]:
+                lowbit.rows_matmul(x, tiles, store, proj)
+        up_bias, down_bias = self._padded_biases(plan, x.dtype)
+        if up_bias is not None:
+            proj = proj + up_bias[routing.expert_ids]
+        a = self.act_packed(proj)
+        out = x.new_empty(x.shape[0], self.hidden_size)
+        if self._spec["down_axis"] == "in":
+            lowbit.columns_matmul(a, tiles, stores["down"], out)
+        else:
+            for store in stores["down"]:
+                lowbit.rows_matmul(a, tiles, store, out)
+        if down_bias is not None:
+            out = out + down_bias[routing.expert_ids]
+        if observed and plan.channels is not None:
+            a = to_original_channels(a, plan.channels[routing.expert_ids], self.intermediate_size)
+        return (a if observed else None), out
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         """Dequantized weights of expert ``e`` (float32 unless ``dtype``)."""

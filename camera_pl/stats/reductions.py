@@ -2,9 +2,9 @@
 
 :func:`micro_sums` reduces activations ``a [S, I]`` whose rows are sorted by expert to, per
 (expert, micro-expert), ``Σ keep·a²``, ``Σ keep·g²·a²`` and ``max keep·g²·a²`` in float32. On
-CUDA with Triton this is one kernel that reads the activations once in their own dtype (no
-float32 copy, no per-expert loop, no host sync) and writes per-split partials that are
-summed in a fixed order, so results are deterministic. Elsewhere it uses torch's row-indexed
+CUDA with Triton (or under Triton's interpreter, see :mod:`camera_pl.kernels`) this is one kernel
+that reads the activations once in their own dtype (no float32 copy, no per-expert loop, no host
+sync) and writes per-split partials that are summed in a fixed order, so results are deterministic. Elsewhere it uses torch's row-indexed
 reductions over one float32 buffer (deterministic on CPU). Both compute every element as
 ``(keep·a)²·g²`` in float32; they differ only in summation order.
 """
@@ -15,6 +15,8 @@ import functools
 from typing import Callable
 
 import torch
+
+from camera_pl.kernels import interpreting
 
 BLOCK_ROWS = 32
 BLOCK_COLS = 64
@@ -28,7 +30,7 @@ def micro_sums(acts: torch.Tensor, expert_ids: torch.Tensor, bounds: torch.Tenso
     ``expert_ids [S]`` are the rows' (sorted) experts and ``bounds [E + 1]`` the row offsets of
     their segments; ``keep`` (0/1, padding) and ``g2`` (squared routing weight) are float32 per row.
     """
-    kernel = _triton_kernel() if acts.is_cuda and acts.stride(-1) == 1 else None
+    kernel = _triton_kernel() if (acts.is_cuda or interpreting()) and acts.stride(-1) == 1 else None
     if kernel is None:
         return _torch_sums(acts, expert_ids, bounds.numel() - 1, keep, g2)
     return _triton_sums(kernel, acts, bounds, keep, g2)
@@ -60,43 +62,9 @@ def _triton_sums(kernel: Callable, acts: torch.Tensor, bounds: torch.Tensor, kee
 
 @functools.cache
 def _triton_kernel() -> Callable | None:
-    """The Triton kernel, compiled on first use; None without Triton."""
+    """The Triton kernel (:mod:`camera_pl.kernels.micro_sums`), imported on first use; None without Triton."""
     try:
-        import triton
-        import triton.language as tl
+        from camera_pl.kernels.micro_sums import micro_sums_kernel
     except ImportError:
         return None
-
-    @triton.jit
-    def micro_sums_kernel(acts_ptr, row_stride, bounds_ptr, keep_ptr, g2_ptr, out_ptr, num_experts, width, split,
-                          BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-        # program (expert e, column block, split s): rows [lo, hi) of e's segment -> partial[:, s, e, cols]
-        e = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        s = tl.program_id(2)
-        start = tl.load(bounds_ptr + e)
-        end = tl.load(bounds_ptr + e + 1)
-        chunk = tl.cdiv(tl.cdiv(end - start, split), BLOCK_R) * BLOCK_R
-        lo = start + s * chunk
-        hi = tl.minimum(lo + chunk, end)
-        col_ok = cols < width
-        act_sq = tl.zeros([BLOCK_I], dtype=tl.float32)
-        sq = tl.zeros([BLOCK_I], dtype=tl.float32)
-        sq_max = tl.zeros([BLOCK_I], dtype=tl.float32)
-        for r in range(lo, hi, BLOCK_R):
-            rows = r + tl.arange(0, BLOCK_R)
-            row_ok = rows < hi
-            a = tl.load(acts_ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            a2 = a * a * tl.load(keep_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            ga2 = a2 * tl.load(g2_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            act_sq += tl.sum(a2, axis=0)
-            sq += tl.sum(ga2, axis=0)
-            sq_max = tl.maximum(sq_max, tl.max(ga2, axis=0))
-        out = out_ptr + (s * num_experts + e) * width + cols
-        plane = split * num_experts * width
-        tl.store(out, act_sq, mask=col_ok)
-        tl.store(out + plane, sq, mask=col_ok)
-        tl.store(out + 2 * plane, sq_max, mask=col_ok)
-
     return micro_sums_kernel
