@@ -125,6 +125,13 @@ def scenario_ragged_bf16_decode(out: dict, tmp: str) -> None:
                 # bf16: the same bf16 weights and fp32 accumulation, another summation order: an ulp or two
                 check_close(got, grouped, 2 ** -7 * scale, f"{arch} bf16 vs grouped")
                 out[f"{arch} bf16 rows={rows}"] = check_close(got, want, 2 ** -7 * scale, f"{arch} bf16 vs fake")
+        x.requires_grad_(True)  # the kernels have no backward: a training forward takes the grouped path
+        before = LAUNCHES["rows"]
+        layer.module(x, index, weights).float().square().sum().backward()
+        assert LAUNCHES["rows"] == before and x.grad is not None
+        grad, x.grad = x.grad, None
+        fake_layer.module(x, index, weights).float().square().sum().backward()
+        check_close(grad.float(), x.grad.float(), 2 ** -6 * float(x.grad.abs().max()), f"{arch} gradient")
 
 
 def scenario_observation(out: dict, tmp: str) -> None:

@@ -435,9 +435,12 @@ class QuantizedExperts(CameraExperts):
                     ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """Activations and outputs of the sorted rows ``x`` through the low-bit kernels of
         :mod:`camera_pl.experts.lowbit`, straight from the packed codes (CUDA with Triton, or Triton's
-        interpreter); None elsewhere. Gated experts without a post-expert norm."""
+        interpreter); None elsewhere. Gated experts without a post-expert norm, in forwards that need no
+        gradient (the kernels have no backward: training steps take the grouped dequantizing path)."""
         layout = self.layout
         if layout.post_norm or not layout.has_gate or not lowbit.available(x):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
         plan, stores = self._plan(x.device), self._stores(x.device)
         tiles = lowbit.row_tiles(routing.ends, x.device)
