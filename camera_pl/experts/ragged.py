@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from camera_pl.experts.base import (Experts, ExpertWeights, GroupedWeights, WeightGroups, WritesInPlace, cast,
                                     grouped_mm_supported)
@@ -210,14 +209,8 @@ class RaggedExperts(WritesInPlace, CameraExperts):
         return self._stacks(0)[0].dtype if self.plan.members else self._dtype
 
     def grouped_weights(self, x: torch.Tensor, hit: list[int] | None = None) -> WeightGroups | None:
-        """The buckets' stored stacks, in the grouped-GEMM orientation (views; gated experts without a post-norm).
-
-        None on a CPU where :meth:`loop_is_faster`: the experts forward then runs one matmul pair per
-        hit expert at its exact width.
-        """
+        """The buckets' stored stacks, in the grouped-GEMM orientation (views; gated experts without a post-norm)."""
         if not self.layout.has_gate or self.layout.post_norm or not grouped_mm_supported(x) or self.dtype != x.dtype:
-            return None
-        if self.loop_is_faster(x):
             return None
         step = 16 // x.element_size()  # grouped GEMM needs 16-byte aligned strides
         if self.hidden_size % step:
@@ -237,22 +230,6 @@ class RaggedExperts(WritesInPlace, CameraExperts):
                                          None if self.down_bias is None else self.down_bias[list(members)],
                                          channels=channels, widths=widths))
         return WeightGroups(groups, [list(m) for m in self.plan.members], self.group_of)
-
-    cpu_loop = True
-    """Whether CPU forwards that train no expert weight run the per-expert loop (see :meth:`loop_is_faster`)."""
-
-    def loop_is_faster(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs faster expert by expert than over the width buckets.
-
-        On a CPU torch's grouped GEMM computes group after group, so buckets only add their
-        padding: at Qwen3-30B-A3B layer sizes (40% pruned, 4096 tokens, bf16) the exact-width loop
-        took 0.53x the dense experts' time, the buckets 0.64x. Buckets stay where expert weights
-        need gradients (the loop's per-expert slices would each allocate a full-stack gradient)
-        and where the stacks are parametrized (a LoRA delta would be recomputed for every expert).
-        """
-        if x.device.type != "cpu" or not self.cpu_loop or parametrize.is_parametrized(self):
-            return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False)))
 
     # ---- description -------------------------------------------------------------------------
     def spec(self) -> dict:
