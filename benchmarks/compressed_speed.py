@@ -1,10 +1,11 @@
 """Prefill, decode and training speed, compression time and stored bytes of compressed MoE models vs dense bf16.
 
-One random bf16 Qwen3-MoE model (``camera_pl.testing.tiny_moe`` with the given sizes) and
-variants of it: dense (through transformers' default experts kernel, and through camera_pl's
-experts forward), CAMERA-Q at 2.5 average bits, uniform 4 bits (both RTN, packed), CAMERA-P
-40% with the ``layer`` allocation (unequal widths: ragged experts in width buckets) and with
-the ``expert`` allocation (the same fraction from every expert: fused experts). The CAMERA-Q
+One bf16 MoE model — a random Qwen3-MoE (``camera_pl.testing.tiny_moe``) of the given sizes, or with
+``--reference NAME`` one of camera_pl's trained reference models — and variants of it: dense
+(through transformers' default experts kernel, and through camera_pl's experts forward), CAMERA-Q
+at 2.5 average bits, uniform 4 bits (both RTN, packed), CAMERA-P 40% with the ``layer`` allocation
+(unequal widths: ragged experts), with the ``expert`` allocation (the same fraction from every
+expert: fused experts) and REAP removing 40% of the experts (fused, fewer experts). The CAMERA-Q
 model also runs (``--loop``) through the per-expert dequantizing loop (the forward used when
 an experts kind offers no grouped weights) for comparison. Statistics come
 from random tokens. Prefill is one no-grad forward over ``--tokens`` tokens; the median of
@@ -21,12 +22,17 @@ model (``model bytes``) and of its routed experts alone (``expert bytes``).
 
 ``--gptq`` adds CAMERA-Q 2.5 bits quantized with GPTQ (calibrated on the statistics' tokens);
 ``--compress-only`` stops after building, printing each build's seconds (total and per MoE layer)
-and stored bytes, e.g. to time GPTQ at real sizes without the forward timings.
+and stored bytes, e.g. to time GPTQ at real sizes without the forward timings. ``--memory`` instead
+quantizes the dense model in place (CAMERA-Q 2.5 bits, RTN; GPTQ with ``--gptq``) and prints the
+peak memory of the call against the model's size: the peak of live tensor bytes (torch.profiler's
+CPU allocation events, model included) and the process's peak RSS (allocator slack included).
 
     python benchmarks/compressed_speed.py                     # small default size (a few minutes on 2 cores)
     python benchmarks/compressed_speed.py --hidden 2048 --experts 128 --width 768 --top-k 8 --layers 2 --no-loop
+    python benchmarks/compressed_speed.py --reference qwen2-moe-64x6   # a trained reference model
     python benchmarks/compressed_speed.py --device cuda ...   # the same on a GPU
     python benchmarks/compressed_speed.py --hidden 2048 --experts 128 --width 768 --top-k 8 --layers 1 --gptq --compress-only
+    python benchmarks/compressed_speed.py --hidden 2048 --experts 128 --width 768 --top-k 8 --layers 2 --memory
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ from typing import Callable
 
 import torch
 
-from camera_pl import collect_stats, moe_layers, prune, quantize
+from camera_pl import collect_stats, moe_layers, prune, quantize, reference_model
 from camera_pl.arch.forward import use_camera_experts
+from camera_pl.reference import REFERENCE_MODELS
 from camera_pl.testing import tiny_moe
+from offload_memory import cpu_allocation_peak
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -105,14 +113,54 @@ def train_step(model: torch.nn.Module, batch: dict) -> None:
 
 def print_builds(args: argparse.Namespace, models: dict, build_s: dict, rss: dict) -> None:
     """The ``--compress-only`` table: build seconds (total, per MoE layer), peak RSS and stored bytes."""
-    print(f"\nqwen3_moe bf16, hidden {args.hidden}, {args.experts} experts of width {args.width}, top-{args.top_k}, "
-          f"{args.layers} layers, {args.calib_tokens} calibration tokens; torch {torch.__version__}, "
+    print(f"\n{describe(args, models['dense bf16'])}, {args.calib_tokens} calibration tokens; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; one build each\n")
     print("| model | compress s | per layer s | peak RSS after | expert bytes |")
     print("|---|---|---|---|---|")
     for name, model in models.items():
         experts = sum(tensor_bytes(layer.module) for layer in moe_layers(model))
-        print(f"| {name} | {build_s[name]:.1f} | {build_s[name] / args.layers:.1f} | {rss[name]:.2f} GB | {experts} |")
+        layers = len(moe_layers(model))
+        print(f"| {name} | {build_s[name]:.1f} | {build_s[name] / layers:.1f} | {rss[name]:.2f} GB | {experts} |")
+
+
+def dense_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The bf16 model every variant is built from: a reference model, or a random Qwen3-MoE of the given sizes."""
+    if args.reference:
+        return reference_model(args.reference, dtype=torch.bfloat16)[0]
+    dims = dict(hidden_size=args.hidden, moe_intermediate_size=args.width, num_experts=args.experts,
+                num_experts_per_tok=args.top_k, num_hidden_layers=args.layers, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=args.width,
+                max_position_embeddings=max(args.tokens, args.context + 2 * args.runs + 8))
+    return tiny_moe("qwen3_moe", dtype=torch.bfloat16, **dims)
+
+
+def describe(args: argparse.Namespace, model: torch.nn.Module) -> str:
+    """What was measured: the model's type and MoE sizes."""
+    layer = moe_layers(model)[0].experts
+    name = f"reference model {args.reference}" if args.reference else "random"
+    return (f"{name} {model.config.model_type} bf16: hidden {layer.hidden_size}, {layer.num_experts} experts of width "
+            f"{layer.intermediate_size}, top-{model.config.num_experts_per_tok}, {len(moe_layers(model))} MoE layers")
+
+
+def print_quantize_memory(args: argparse.Namespace, model: torch.nn.Module, calib: list[dict]) -> None:
+    """``--memory``: peak memory of quantizing ``model`` in place against its size (one run)."""
+    size = tensor_bytes(model)
+    options = dict(quantizer="gptq", calib_dataloader=calib) if args.gptq else {}
+    stats = collect_stats(model, calib)
+    rss_before = peak_rss_gb()
+    start = time.perf_counter()
+    with torch.no_grad():
+        peak = cpu_allocation_peak(lambda: quantize(model, stats, method="camera", avg_bits=2.5, **options))
+    seconds = time.perf_counter() - start
+    print(f"\n{describe(args, model)}; quantize(method='camera', avg_bits=2.5, quantizer="
+          f"{'gptq' if args.gptq else 'rtn'!r}) in place, {seconds:.1f} s (under the profiler), one run; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| | GB | x model |\n|---|---|---|")
+    print(f"| model before (parameters and buffers) | {size / 1e9:.2f} | 1.00 |")
+    print(f"| peak live tensors during quantize (model included) | {(size + peak) / 1e9:.2f} | {(size + peak) / size:.2f} |")
+    print(f"| process peak RSS (before quantize: {rss_before * 2**30 / 1e9:.2f}) | {peak_rss_gb() * 2**30 / 1e9:.2f} | "
+          f"{peak_rss_gb() * 2**30 / size:.2f} |")
+    print(f"| model after | {tensor_bytes(model) / 1e9:.2f} | {tensor_bytes(model) / size:.2f} |")
 
 
 def main() -> None:
@@ -131,27 +179,33 @@ def main() -> None:
                         help="also time CAMERA-Q through the per-expert loop (slow at large sizes)")
     parser.add_argument("--gptq", action="store_true", help="also build CAMERA-Q 2.5 bits with GPTQ (slow)")
     parser.add_argument("--compress-only", action="store_true", help="time the builds only (no forwards)")
+    parser.add_argument("--reference", choices=sorted(REFERENCE_MODELS), help="a trained reference model instead of "
+                        "a random one of the given sizes")
+    parser.add_argument("--memory", action="store_true", help="peak memory of quantizing in place (no forwards)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    dims = dict(hidden_size=args.hidden, moe_intermediate_size=args.width, num_experts=args.experts,
-                num_experts_per_tok=args.top_k, num_hidden_layers=args.layers, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=args.width,
-                max_position_embeddings=max(args.tokens, args.context + 2 * args.runs + 8))
-    dense = tiny_moe("qwen3_moe", dtype=torch.bfloat16, **dims).to(device)
+    dense = dense_model(args).to(device)
     gen = torch.Generator().manual_seed(0)
-    vocab = dense.config.vocab_size
+    config = dense.config
+    vocab, longest = config.vocab_size, config.max_position_embeddings
+    args.context = min(args.context, longest - args.runs - 2)
 
-    def tokens(rows: int, length: int) -> torch.Tensor:
-        return torch.randint(3, vocab, (rows, length), generator=gen).to(device)
+    def tokens(total: int, rows: int = 4) -> torch.Tensor:
+        """``total`` random tokens in at least ``rows`` sequences, none longer than the model's positions."""
+        rows = max(rows, -(-total // longest))
+        return torch.randint(3, vocab, (rows, total // rows), generator=gen).to(device)
 
-    calib = [{"input_ids": tokens(4, args.calib_tokens // 16)} for _ in range(4)]
-    batch = {"input_ids": tokens(4, args.tokens // 4)}
-    train_batch = {"input_ids": tokens(4, args.train_tokens // 4)}
-    prompts = {rows: tokens(rows, args.context) for rows in (1, 8)}
+    calib = [{"input_ids": tokens(args.calib_tokens // 4)} for _ in range(4)]
+    batch = {"input_ids": tokens(args.tokens)}
+    train_batch = {"input_ids": tokens(args.train_tokens)}
+    prompts = {rows: tokens(rows * args.context, rows) for rows in (1, 8)}
+    if args.memory:
+        print_quantize_memory(args, dense, calib)
+        return
 
     start = time.perf_counter()
     stats = collect_stats(dense, calib)
@@ -163,6 +217,7 @@ def main() -> None:
         "uniform 4 bits": lambda m: quantize(m, method="uniform", avg_bits=4),
         "CAMERA-P 40% layer (ragged)": lambda m: prune(m, stats, 0.4, allocation="layer"),
         "CAMERA-P 40% expert (fused)": lambda m: prune(m, stats, 0.4, allocation="expert"),
+        "REAP 40% of experts removed (fused)": lambda m: prune(m, stats, 0.4, method="reap"),
     }
     if args.gptq:
         builds["CAMERA-Q 2.5 bits, GPTQ"] = lambda m: quantize(m, stats, method="camera", avg_bits=2.5,
@@ -207,8 +262,7 @@ def main() -> None:
     base_model, base_experts = tensor_bytes(dense), sum(tensor_bytes(layer.module) for layer in moe_layers(dense))
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"\nqwen3_moe bf16 on {device.type} ({hardware}): hidden {args.hidden}, {args.experts} experts of width "
-          f"{args.width}, top-{args.top_k}, {args.layers} layers; prefill {batch['input_ids'].numel()} tokens, "
+    print(f"\n{describe(args, dense)} on {device.type} ({hardware}); prefill {batch['input_ids'].numel()} tokens, "
           f"decode on a {args.context}-token cache, training step on {train_batch['input_ids'].numel()} tokens; "
           f"median of {args.runs} runs each (models interleaved for prefill and training, 1 warm-up); "
           f"torch {torch.__version__}; statistics took {stats_s:.1f} s\n")
