@@ -241,18 +241,27 @@ class QuantizedExperts(CameraExperts):
                 if module.gate_bias is not None:
                     module.gate_bias.copy_(torch.cat([w.gate_bias for w in per]))
             for m, per_expert in matrices.items():
-                rows = [q for q in per_expert]
-                bits = torch.cat([q.bits for q in rows])
-                getattr(module, f"{m}_bits").copy_(bits)
-                codes, scale, zero = (torch.cat([getattr(q, n) for q in rows]) for n in ("codes", "scale", "zero"))
-                for b in spec["matrices"][m]["counts"]:
-                    b = int(b)
-                    here = bits == b
-                    getattr(module, f"{m}_q{b}").copy_(pack_codes(codes[here], b))
-                    getattr(module, f"{m}_s{b}").copy_(scale[here].to(SCALE_DTYPE).view(torch.uint8))
-                    if b > 1:
-                        getattr(module, f"{m}_z{b}").copy_(zero[here])
+                module._pack(m, per_expert)
         return module
+
+    def _pack(self, m: str, per_expert: list[QuantizedRows]) -> None:
+        """Write matrix ``m``'s quantized rows into its stores, expert by expert: the temporaries of packing stay
+        one expert's size (no layer-wide copy of the unpacked codes)."""
+        getattr(self, f"{m}_bits").copy_(torch.cat([q.bits for q in per_expert]))
+        filled = {int(b): 0 for b in self._spec["matrices"][m]["counts"]}
+        for q in per_expert:
+            bits = q.bits.cpu()
+            for b, start in filled.items():
+                rows = (bits == b).nonzero().squeeze(1)
+                if not rows.numel():
+                    continue
+                stored = slice(start, start + rows.numel())
+                rows = rows.to(q.codes.device)
+                getattr(self, f"{m}_q{b}")[stored] = pack_codes(q.codes.index_select(0, rows), b)
+                getattr(self, f"{m}_s{b}")[stored] = q.scale.index_select(0, rows).to(SCALE_DTYPE).view(torch.uint8)
+                if b > 1:
+                    getattr(self, f"{m}_z{b}")[stored] = q.zero.index_select(0, rows)
+                filled[b] = stored.stop
 
     def spec(self) -> dict:
         return self._spec
