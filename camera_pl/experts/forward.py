@@ -246,12 +246,28 @@ def sorted_activations(experts: Experts, hidden_states: torch.Tensor, routing: S
     return (*per_expert(experts, routing, observed, x, run), None)
 
 
+CPU_NORM_ROWS = 512
+"""Rows whose float32 norms a CPU computes at once: the float32 copy stays in cache (at 32768 rows of 2048 in
+bf16, 6x faster than all rows at once)."""
+
+
+def row_norms(t: torch.Tensor) -> torch.Tensor:
+    """Float32 Euclidean norms of the rows of ``t [S, H]`` (in chunks of :data:`CPU_NORM_ROWS` on a CPU)."""
+    if t.device.type != "cpu" or t.shape[0] <= CPU_NORM_ROWS:
+        return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
+    norms = t.new_empty(t.shape[0], dtype=torch.float32)
+    for start in range(0, t.shape[0], CPU_NORM_ROWS):
+        part = slice(start, start + CPU_NORM_ROWS)
+        torch.linalg.vector_norm(t[part], dim=-1, dtype=torch.float32, out=norms[part])
+    return norms
+
+
 def report(observer: ExpertsObserver | None, routing: SortedRouting, acts: torch.Tensor | None, out: torch.Tensor,
            top_k_weights: torch.Tensor) -> None:
     """Hand what a forward computed to ``observer`` (if any): activations, routing and output norms (detached:
     statistics never enter the autograd graph), and the outputs themselves when they require gradients."""
     if observer is not None:
-        norms = torch.linalg.vector_norm(out.detach(), dim=-1, dtype=torch.float32)
+        norms = row_norms(out.detach())
         observer.observe(routing.expert_ids, routing.token_ids, routing.weights.detach(),
                          None if acts is None else acts.detach(), norms, top_k_weights.detach())
         if out.requires_grad:

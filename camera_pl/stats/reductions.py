@@ -36,16 +36,28 @@ def micro_sums(acts: torch.Tensor, expert_ids: torch.Tensor, bounds: torch.Tenso
     return _triton_sums(kernel, acts, bounds, keep, g2)
 
 
+CPU_CHUNK = 1 << 19
+"""Activation entries the CPU path reduces at once: its float32 buffer (2 MiB) stays in cache through the
+passes over it — 4x faster than one buffer for all rows at Qwen3-30B sizes (16384 rows of 768), equal bit for bit."""
+
+
 def _torch_sums(acts: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, keep: torch.Tensor,
                 g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row-indexed reductions (``index_add_``/``scatter_reduce_``: on CPU several times faster than
-    ``segment_reduce`` and equal to it bit for bit) over one float32 buffer, reused in place."""
-    a2 = acts.to(torch.float32, copy=True).mul_(keep[:, None]).square_()
-    zeros = a2.new_zeros(num_experts, a2.shape[1])
-    act_sq = zeros.index_add(0, expert_ids, a2)
-    ga2 = a2.mul_(g2[:, None])
-    sq_max = zeros.scatter_reduce(0, expert_ids[:, None].expand_as(ga2), ga2, "amax")  # includes the 0 start
-    return act_sq, zeros.index_add(0, expert_ids, ga2), sq_max
+    ``segment_reduce`` and equal to it bit for bit) over a float32 buffer reused in place, chunk of rows by
+    chunk of rows on a CPU (:data:`CPU_CHUNK`), at once elsewhere."""
+    rows, width = acts.shape
+    act_sq, sq, sq_max = (torch.zeros(num_experts, width, device=acts.device) for _ in range(3))  # 0: amax's start
+    step = max(1, CPU_CHUNK // max(1, width)) if acts.device.type == "cpu" else max(1, rows)
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        ids = expert_ids[part]
+        a2 = acts[part].to(torch.float32, copy=True).mul_(keep[part, None]).square_()
+        act_sq.index_add_(0, ids, a2)
+        ga2 = a2.mul_(g2[part, None])
+        sq_max.scatter_reduce_(0, ids[:, None].expand_as(ga2), ga2, "amax")
+        sq.index_add_(0, ids, ga2)
+    return act_sq, sq, sq_max
 
 
 def _triton_sums(kernel: Callable, acts: torch.Tensor, bounds: torch.Tensor, keep: torch.Tensor,
