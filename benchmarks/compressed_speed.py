@@ -5,8 +5,9 @@ One bf16 MoE model — a random Qwen3-MoE (``camera_pl.testing.tiny_moe``) of th
 (through transformers' default experts kernel, and through camera_pl's experts forward), CAMERA-Q
 at 2.5 average bits, uniform 4 bits (both RTN, packed), CAMERA-P 40% with the ``layer`` allocation
 (unequal widths: ragged experts), with the ``expert`` allocation (the same fraction from every
-expert: fused experts) and REAP removing 40% of the experts (fused, fewer experts). The CAMERA-Q
-model also runs (``--loop``) through the per-expert dequantizing loop (the forward used when
+expert: fused experts) and REAP removing 40% of the experts (fused, fewer experts). Where the
+low-bit kernels run (CUDA), the CAMERA-Q model is also timed without them (the dequantizing
+path); it also runs (``--loop``) through the per-expert dequantizing loop (the forward used when
 an experts kind offers no grouped weights) for comparison. Statistics come
 from random tokens. Prefill is one no-grad forward over ``--tokens`` tokens; the median of
 ``--runs`` forwards per model, models interleaved, after one warm-up forward each.
@@ -49,6 +50,7 @@ import torch
 
 from camera_pl import collect_stats, moe_layers, prune, quantize, reference_model
 from camera_pl.arch.forward import use_camera_experts
+from camera_pl.experts import lowbit
 from camera_pl.reference import REFERENCE_MODELS
 from camera_pl.testing import tiny_moe
 from offload_memory import cpu_allocation_peak
@@ -121,6 +123,11 @@ def print_builds(args: argparse.Namespace, models: dict, build_s: dict, rss: dic
         experts = sum(tensor_bytes(layer.module) for layer in moe_layers(model))
         layers = len(moe_layers(model))
         print(f"| {name} | {build_s[name]:.1f} | {build_s[name] / layers:.1f} | {rss[name]:.2f} GB | {experts} |")
+
+
+def activation_like(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """An empty tensor of the model's activation dtype on ``device`` (to ask whether the low-bit kernels run)."""
+    return torch.empty(0, dtype=next(model.parameters()).dtype, device=device)
 
 
 def dense_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -234,6 +241,12 @@ def main() -> None:
     if args.compress_only:
         print_builds(args, models, build_s, rss)
         return
+    if lowbit.available(activation_like(dense, device)):  # the low-bit kernels ran: also time without them
+        plain = copy.deepcopy(models["CAMERA-Q 2.5 bits"])
+        for layer in moe_layers(plain):
+            layer.module.use_kernels = False
+        name = "CAMERA-Q 2.5 bits, dequantizing path"
+        models[name], build_s[name], rss[name] = plain, build_s["CAMERA-Q 2.5 bits"], rss["CAMERA-Q 2.5 bits"]
     if args.loop:  # the per-expert dequantizing loop, for comparison
         looped = copy.deepcopy(models["CAMERA-Q 2.5 bits"])
         for layer in moe_layers(looped):

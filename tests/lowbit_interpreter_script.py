@@ -134,6 +134,39 @@ def scenario_ragged_bf16_decode(out: dict, tmp: str) -> None:
         check_close(grad.float(), x.grad.float(), 2 ** -6 * float(x.grad.abs().max()), f"{arch} gradient")
 
 
+def scenario_switch_and_fallback(out: dict, tmp: str) -> None:
+    """``use_kernels=False`` on a module runs the dequantizing path; a failing kernel warns once, switches the
+    kernels off and the forward still returns the right outputs."""
+    import warnings
+
+    from camera_pl.experts.quantized import QuantizedExperts
+
+    data = batch(4)
+    model = tiny_moe("qwen3_moe", moe_intermediate_size=40, intermediate_size=40)
+    fake, packed = quantized_pair(model, collect_stats(model, [data]), method="camera", avg_bits=2.5, group_size=16)
+    want = logits(fake, data)
+    check_close(logits(packed, data), want, 1e-5, "with the kernels")
+    assert LAUNCHES["rows"] > 0
+    for layer in moe_layers(packed):
+        layer.module.use_kernels = False
+    before = dict(LAUNCHES)
+    check_close(logits(packed, data), want, 1e-5, "use_kernels=False")
+    assert LAUNCHES == before, "use_kernels=False still launched the kernels"
+    for layer in moe_layers(packed):
+        del layer.module.use_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compilation failure")
+
+    with mock.patch.object(lowbit, "rows_matmul", broken), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = logits(packed, data)
+    assert QuantizedExperts.use_kernels is False
+    assert len(caught) == 1 and "simulated compilation failure" in str(caught[0].message), [str(w.message) for w in caught]
+    out["fallback"] = check_close(got, want, 1e-5, "after a kernel failure")
+    QuantizedExperts.use_kernels = True
+
+
 def scenario_observation(out: dict, tmp: str) -> None:
     """Statistics collected through the kernels (and reduced by the Triton micro-sums kernel) equal the grouped
     path's with torch's reductions."""

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("scenario", ["architectures", "ragged_bf16_decode", "observation"])
+@pytest.mark.parametrize("scenario", ["architectures", "ragged_bf16_decode", "switch_and_fallback", "observation"])
 def test_kernels_under_the_triton_interpreter(tmp_path, scenario):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(HERE / "lowbit_interpreter_script.py"), scenario,

@@ -322,3 +322,16 @@ def test_pmq_weight_over_selected_tokens_changes_w_only(stats_of):
                  calib_dataloader=calib)
     with pytest.raises(ValueError, match="pmq_weight"):
         QuantizeConfig(method="pmq", avg_bits=2.5, pmq_weight="some")
+
+
+def test_moving_quantized_experts_rebuilds_their_cached_plans(stats_of):
+    """The forward's cached plans hold the stored buffers; a move (.to, .cuda: new tensors) drops them."""
+    model = tiny_moe("qwen3_moe")
+    quantize(model, stats_of("qwen3_moe"), avg_bits=2.5, group_size=16)
+    module = moe_layers(model)[0].module
+    stores = module._stores(torch.device("cpu"))
+    assert stores["up"][0].codes is module.get_buffer(f"up_q{stores['up'][0].bits}")
+    module._apply(lambda t: t.clone())  # what a device move does to every buffer
+    assert module._plans == {}
+    moved = module._stores(torch.device("cpu"))["up"][0]
+    assert moved.codes is module.get_buffer(f"up_q{moved.bits}") and moved.codes is not stores["up"][0].codes

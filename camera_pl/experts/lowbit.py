@@ -84,8 +84,14 @@ class Tiles:
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels run on ``x``'s device: CUDA with Triton >= 3.3, or any tensor under the interpreter."""
-    if not (x.is_cuda or interpreting()) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """Whether the kernels run on ``x``'s device and dtype: CUDA with Triton >= 3.3 (bf16 from compute capability
+    8.0, fp16 and fp32 from 7.0), or any tensor under the interpreter."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device) < ((8, 0) if x.dtype == torch.bfloat16 else (7, 0)):
+            return False
+    elif not interpreting():
         return False
     return _kernels() is not None
 

@@ -32,6 +32,7 @@ trainable.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -271,6 +272,10 @@ class QuantizedExperts(CameraExperts):
         self._plans = {}
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        self._plans = {}  # the plans' stores hold the buffers that a move (.to, .cuda) replaces
+        return super()._apply(fn, *args, **kwargs)
+
     # ---- the experts interface -------------------------------------------------------------
     def widths(self) -> torch.Tensor:
         return self._widths.clone()
@@ -440,6 +445,10 @@ class QuantizedExperts(CameraExperts):
                         cols.to(device, torch.int32), int(starts.diff().max()), info["length"], info["group_size"]))
         return plan.stores
 
+    use_kernels = True
+    """Whether forwards may run the low-bit kernels; set False on a module (or the class) for the dequantizing
+    path, e.g. to compare the two. Set False for the class, with a warning, if the kernels ever fail."""
+
     def kernel_rows(self, x: torch.Tensor, routing: SortedRouting, observed: bool
                     ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """Activations and outputs of the sorted rows ``x`` through the low-bit kernels of
@@ -447,10 +456,23 @@ class QuantizedExperts(CameraExperts):
         interpreter); None elsewhere. Gated experts without a post-expert norm, in forwards that need no
         gradient (the kernels have no backward: training steps take the grouped dequantizing path)."""
         layout = self.layout
-        if layout.post_norm or not layout.has_gate or not lowbit.available(x):
+        if not self.use_kernels or layout.post_norm or not layout.has_gate or not lowbit.available(x):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
+        try:
+            return self._kernel_rows(x, routing, observed)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # a Triton or driver this code has not met: keep the model usable
+            type(self).use_kernels = False
+            warnings.warn(f"camera_pl's low-bit kernels failed on {x.device} ({type(err).__name__}: {err}); quantized "
+                          "experts use the dequantizing path from now on (same outputs, slower). Please report this.",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+    def _kernel_rows(self, x: torch.Tensor, routing: SortedRouting, observed: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         plan, stores = self._plan(x.device), self._stores(x.device)
         tiles = lowbit.row_tiles(routing.ends, x.device)
         proj = (x.new_zeros if plan.padded else x.new_empty)(x.shape[0], 2 * plan.width)
