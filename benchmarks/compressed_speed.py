@@ -224,8 +224,10 @@ def main() -> None:
         "uniform 4 bits": lambda m: quantize(m, method="uniform", avg_bits=4),
         "CAMERA-P 40% layer (ragged)": lambda m: prune(m, stats, 0.4, allocation="layer"),
         "CAMERA-P 40% expert (fused)": lambda m: prune(m, stats, 0.4, allocation="expert"),
-        "REAP 40% of experts removed (fused)": lambda m: prune(m, stats, 0.4, method="reap"),
     }
+    layer = moe_layers(dense)[0].experts
+    if layer.num_experts - round(0.4 * layer.num_experts) >= config.num_experts_per_tok:  # else top-k cannot route
+        builds["REAP 40% of experts removed (fused)"] = lambda m: prune(m, stats, 0.4, method="reap")
     if args.gptq:
         builds["CAMERA-Q 2.5 bits, GPTQ"] = lambda m: quantize(m, stats, method="camera", avg_bits=2.5,
                                                                quantizer="gptq", calib_dataloader=calib)
