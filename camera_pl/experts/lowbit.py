@@ -56,7 +56,7 @@ class Store:
     1 bit); ``starts`` int32 ``[E + 1]``: expert ``e``'s rows are ``starts[e]:starts[e + 1]``;
     ``cols`` int32 ``[N]``: each row's column within its expert (output column for
     :func:`rows_matmul`, input column for :func:`columns_matmul`); ``most``: the most rows any
-    expert has here (host-side, sizes the grid); ``length``: entries per row.
+    expert has here (host-side, sizes the grid); ``length``: entries per row, in groups of ``group_size``.
     """
 
     bits: int
@@ -97,20 +97,21 @@ def available(x: torch.Tensor) -> bool:
 
 
 def row_tiles(ends: list[int], device: torch.device) -> Tiles:
-    """Tiles of at most ``block_m`` rows over experts whose sorted rows end at ``ends`` (host-side counts).
+    """Tiles of at most ``block_m`` rows over experts whose sorted rows end at ``ends`` (host-side counts; one
+    small host-to-device copy).
 
     ``block_m`` is 16 (``tl.dot``'s smallest) when experts average fewer than 64 rows (decoding), else 64.
     """
-    counts = [end - start for start, end in zip([0, *ends], ends)]
-    hit = [n for n in counts if n]
-    block_m = 64 if hit and sum(hit) >= 64 * len(hit) else 16
-    expert, start, end = [], [], []
-    for e, (first, n) in enumerate(zip([0, *ends], counts)):
-        for s in range(first, first + n, block_m):
-            expert.append(e)
-            start.append(s)
-            end.append(min(s + block_m, first + n))
-    table = torch.tensor([expert, start, end], dtype=torch.int32).to(device, non_blocking=True)
+    last = torch.tensor(ends, dtype=torch.int64)
+    counts = last.diff(prepend=last.new_zeros(1))
+    hit = int((counts > 0).sum())
+    block_m = 64 if hit and int(last[-1]) >= 64 * hit else 16
+    per = (counts + block_m - 1) // block_m  # tiles of each expert
+    expert = torch.repeat_interleave(torch.arange(len(ends)), per)
+    within = torch.arange(expert.numel()) - torch.repeat_interleave(per.cumsum(0) - per, per)
+    start = (last - counts)[expert] + within * block_m
+    end = torch.minimum(start + block_m, last[expert])
+    table = torch.stack([expert, start, end]).to(device=device, dtype=torch.int32, non_blocking=True)
     return Tiles(table[0], table[1], table[2], block_m)
 
 
@@ -118,6 +119,7 @@ def rows_matmul(x: torch.Tensor, tiles: Tiles, store: Store, out: torch.Tensor) 
     """``out[t, cols[r]] = x[t, :length] · ŵ_r`` for every stored row ``r`` of each tile's expert (in place)."""
     if not len(tiles) or not store.most:
         return
+    x = _unit_columns(x)
     kernel = _kernels().rows_kernel
     grid = (len(tiles), -(-store.most // BLOCK_N))
     zero = store.scale if store.zero is None else store.zero
@@ -132,6 +134,7 @@ def columns_matmul(x: torch.Tensor, tiles: Tiles, stores: list[Store], out: torc
     """``out[t, h] = Σ_stores Σ_r x[t, cols[r]] · ŵ_r[h]`` over each tile's expert's stored rows (``out`` overwritten)."""
     if not len(tiles):
         return
+    x = _unit_columns(x)
     kernel = _kernels().columns_kernel
     length = stores[0].length
     grid = (len(tiles), -(-length // BLOCK_N))
@@ -142,6 +145,11 @@ def columns_matmul(x: torch.Tensor, tiles: Tiles, stores: list[Store], out: torc
                  stores[0].scale.shape[1], stores[0].group_size, length,
                  BITS=tuple(s.bits for s in stores), BLOCK_M=tiles.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                  INTERPRETED=interpreting(), PRECISION=_precision(x))
+
+
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit column stride, as the kernels address rows (a copy only where it has another)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _precision(x: torch.Tensor) -> str | None:
