@@ -139,24 +139,38 @@ def _batches(experts: Experts, hit: list[int], device: torch.device) -> list[lis
     return batches
 
 
+def projected_rows(experts: Experts, x: torch.Tensor, up: Callable[[torch.Tensor], torch.Tensor],
+                   down: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor, observed: bool,
+                   biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                   channels: torch.Tensor | None = None, widths: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The experts' math around two projections of rows ``x`` sorted by expert: ``up`` (to the packed gate/up
+    projection), the biases, the activation, ``down``; ``index`` is each row's index into the (up, down)
+    ``biases``, ``channels`` and ``widths`` (see :class:`~camera_pl.experts.base.GroupedWeights`)."""
+    up_bias, down_bias = biases
+    proj = up(x)
+    if up_bias is not None:
+        proj = proj + up_bias[index]
+    a = experts.act_packed(proj)
+    if widths is not None:  # padded slots: zero whatever their weights hold
+        a = a.masked_fill(torch.arange(a.shape[1], device=a.device) >= widths[index][:, None], 0)
+    out = down(a)
+    if down_bias is not None:
+        out = out + down_bias[index]
+    if observed and channels is not None:
+        a = to_original_channels(a, channels[index], experts.intermediate_size)
+    return (a if observed else None), out
+
+
 def grouped_rows(experts: Experts, x: torch.Tensor, offsets: torch.Tensor, weights: GroupedWeights,
                  index: torch.Tensor, observed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Two grouped GEMMs over rows ``x`` sorted by expert; ``offsets`` (int32) ends each stacked expert's rows.
 
     ``index`` is each row's index into the biases, ``channels`` and ``widths`` of ``weights``.
     """
-    proj = nn.functional.grouped_mm(x, weights.up, offs=offsets)
-    if weights.up_bias is not None:
-        proj = proj + weights.up_bias[index]
-    a = experts.act_packed(proj)
-    if weights.widths is not None:  # padded slots: zero whatever their weights hold
-        a = a.masked_fill(torch.arange(a.shape[1], device=a.device) >= weights.widths[index][:, None], 0)
-    out = nn.functional.grouped_mm(a, weights.down, offs=offsets)
-    if weights.down_bias is not None:
-        out = out + weights.down_bias[index]
-    if observed and weights.channels is not None:
-        a = to_original_channels(a, weights.channels[index], experts.intermediate_size)
-    return (a if observed else None), out
+    return projected_rows(experts, x, lambda t: nn.functional.grouped_mm(t, weights.up, offs=offsets),
+                          lambda t: nn.functional.grouped_mm(t, weights.down, offs=offsets), index, observed,
+                          (weights.up_bias, weights.down_bias), weights.channels, weights.widths)
 
 
 def stacked_rows(experts: Experts, x: torch.Tensor, routing: SortedRouting, weights: GroupedWeights,

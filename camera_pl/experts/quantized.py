@@ -40,7 +40,7 @@ from torch import nn
 
 from camera_pl.experts import lowbit
 from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, cast, grouped_mm_supported
-from camera_pl.experts.forward import SortedRouting, to_original_channels
+from camera_pl.experts.forward import SortedRouting, projected_rows
 from camera_pl.experts.module import CameraExperts
 from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows
 
@@ -437,12 +437,12 @@ class QuantizedExperts(CameraExperts):
             for m, info in self._spec["matrices"].items():
                 plan.stores[m] = []
                 for b, starts in plan.starts[m].items():
-                    expert = torch.repeat_interleave(torch.arange(self.num_experts), starts.diff())
-                    cols = plan.host[m][b] - expert * plan.per[m]
+                    counts = starts.diff()
+                    cols = plan.host[m][b] - torch.repeat_interleave(torch.arange(self.num_experts), counts) * plan.per[m]
                     plan.stores[m].append(lowbit.Store(
                         b, getattr(self, f"{m}_q{b}"), getattr(self, f"{m}_s{b}").view(SCALE_DTYPE),
                         getattr(self, f"{m}_z{b}") if b > 1 else None, starts.to(device, torch.int32),
-                        cols.to(device, torch.int32), int(starts.diff().max()), info["length"], info["group_size"]))
+                        cols.to(device, torch.int32), int(counts.max()), info["length"], info["group_size"]))
         return plan.stores
 
     use_kernels = True
@@ -475,25 +475,24 @@ class QuantizedExperts(CameraExperts):
                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
         plan, stores = self._plan(x.device), self._stores(x.device)
         tiles = lowbit.row_tiles(routing.ends, x.device)
-        proj = (x.new_zeros if plan.padded else x.new_empty)(x.shape[0], 2 * plan.width)
-        for m in ("gate", "up"):
-            for store in stores[m]:
-                lowbit.rows_matmul(x, tiles, store, proj)
-        up_bias, down_bias = self._padded_biases(plan, x.dtype)
-        if up_bias is not None:
-            proj = proj + up_bias[routing.expert_ids]
-        a = self.act_packed(proj)
-        out = x.new_empty(x.shape[0], self.hidden_size)
-        if self._spec["down_axis"] == "in":
-            lowbit.columns_matmul(a, tiles, stores["down"], out)
-        else:
-            for store in stores["down"]:
-                lowbit.rows_matmul(a, tiles, store, out)
-        if down_bias is not None:
-            out = out + down_bias[routing.expert_ids]
-        if observed and plan.channels is not None:
-            a = to_original_channels(a, plan.channels[routing.expert_ids], self.intermediate_size)
-        return (a if observed else None), out
+
+        def up(rows: torch.Tensor) -> torch.Tensor:
+            proj = (rows.new_zeros if plan.padded else rows.new_empty)(rows.shape[0], 2 * plan.width)
+            for store in (*stores["gate"], *stores["up"]):
+                lowbit.rows_matmul(rows, tiles, store, proj)
+            return proj
+
+        def down(a: torch.Tensor) -> torch.Tensor:
+            out = a.new_empty(a.shape[0], self.hidden_size)
+            if self._spec["down_axis"] == "in":
+                lowbit.columns_matmul(a, tiles, stores["down"], out)
+            else:
+                for store in stores["down"]:
+                    lowbit.rows_matmul(a, tiles, store, out)
+            return out
+
+        return projected_rows(self, x, up, down, routing.expert_ids, observed, self._padded_biases(plan, x.dtype),
+                              plan.channels)
 
     def weights(self, e: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         """Dequantized weights of expert ``e`` (float32 unless ``dtype``)."""

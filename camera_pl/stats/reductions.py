@@ -4,9 +4,10 @@
 (expert, micro-expert), ``Σ keep·a²``, ``Σ keep·g²·a²`` and ``max keep·g²·a²`` in float32. On
 CUDA with Triton (or under Triton's interpreter, see :mod:`camera_pl.kernels`) this is one kernel
 that reads the activations once in their own dtype (no float32 copy, no per-expert loop, no host
-sync) and writes per-split partials that are summed in a fixed order, so results are deterministic. Elsewhere it uses torch's row-indexed
-reductions over one float32 buffer (deterministic on CPU). Both compute every element as
-``(keep·a)²·g²`` in float32; they differ only in summation order.
+sync) and writes per-split partials that are summed in a fixed order, so results are deterministic.
+Elsewhere it uses torch's row-indexed reductions over a float32 buffer, on a CPU chunk of rows by
+chunk of rows (deterministic there). Both compute every element as ``(keep·a)²·g²`` in float32;
+they differ only in summation order.
 """
 
 from __future__ import annotations
