@@ -75,8 +75,8 @@ def test_pack_round_trip(bits):
     assert torch.equal(unpack_codes(packed, bits, 37), codes)
     from camera_pl.experts.quantized import _codes
 
-    for lookup in (True, False):  # table lookups (the CPU default) and shifts (the GPU default) agree
-        assert torch.equal(_codes(packed, bits, 37, lookup=lookup), codes.float())
+    for cpu in (True, False):  # the CPU and the GPU ways agree
+        assert torch.equal(_codes(packed, bits, 37, cpu=cpu), codes.float())
 
 
 @pytest.mark.parametrize("arch,method", [("qwen2_moe", "camera"), ("gpt_oss", "camera"), ("deepseek_v3", "channel"),

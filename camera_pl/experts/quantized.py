@@ -20,7 +20,7 @@ once from ``{m}_bits``. Where grouped GEMMs run (CPU fp32/bf16, CUDA bf16; gated
 without a post-expert norm), :meth:`QuantizedExperts.grouped_weights` dequantizes the experts
 a forward hits (decoding: a few of them; the experts forward asks for them in batches of
 bounded size) into compact zero-padded ``[n, width, H]`` stacks: per (matrix, bit-width),
-the hit experts' rows are unpacked at once (a table lookup per packed window), dequantized
+the hit experts' rows are unpacked at once (a few whole-tensor ops), dequantized
 in bounded float32 chunks and written, cast once, to precomputed rows of the stacks in the
 activations' dtype; the experts forward then runs two grouped GEMMs over those experts.
 Otherwise :meth:`~QuantizedExperts.weights` dequantizes each hit expert to float32 and casts it.
@@ -65,7 +65,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     return _codes(packed, bits, length).to(torch.uint8)
 
 
-_WINDOW_BITS = {1: 8, 2: 8, 3: 12, 4: 16}  # packed bits read at once through a table, per code width
+_WINDOW_BITS = {1: 8, 3: 12}  # packed bits read at once through a table, per code width (CPU)
 _TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -83,34 +83,46 @@ def _pad_columns(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return t if t.shape[1] % multiple == 0 else nn.functional.pad(t, (0, -t.shape[1] % multiple))
 
 
-def _codes(packed: torch.Tensor, bits: int, columns: int, lookup: bool | None = None) -> torch.Tensor:
+def _code_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float32 codes ``[N, C·8/bits]`` of rows packed at 2 or 4 bits: one shift-and-mask over all bytes per
+    code position in a byte, written (converted) straight into its strided place in the result."""
+    n, per = packed.shape[0], 8 // bits
+    codes = torch.empty(n, packed.shape[1], per, device=packed.device)
+    for k in range(per):
+        shifted = packed >> (k * bits) if k else packed
+        codes[..., k] = shifted & ((1 << bits) - 1) if k < per - 1 else shifted
+    return codes.view(n, -1)
+
+
+def _codes(packed: torch.Tensor, bits: int, columns: int, cpu: bool | None = None) -> torch.Tensor:
     """Codes of bit-packed rows as float32 ``[N, columns]`` (exact integers); columns past the stored codes
     hold zeros or left-over bits, for callers that cut them off again (padding to whole quantization groups).
 
-    8 bits: the bytes themselves. With ``lookup`` (default: on a CPU) 1–4 bits take one table
-    lookup per 8-, 12- or 16-bit window of the packed bytes (byte pairs read as little-endian
-    int16), already float: several times faster than shifting every code out on a CPU, but a
-    random-access gather that dominated the forward on an H100 (83% of its CUDA time). Without
-    it, widths dividing 8 shift codes out of whole bytes, and the others read every ``bits``
-    bytes as one word of 8 codes and shift.
+    8 bits: the bytes themselves. The ``cpu`` ways (default: on a CPU) are the fastest measured
+    on one: 1 and 3 bits take one table lookup per 8- or 12-bit window of the packed bytes
+    (already float), 2 and 4 bits one strided write per code position of a byte
+    (:func:`_code_planes`; 2–3× faster than lookups of their 8- and 16-bit windows). Otherwise
+    (GPUs, where a random-access gather took 83% of an H100 forward) widths dividing 8 shift
+    codes out of whole bytes, and the others read every ``bits`` bytes as one word of 8 codes
+    and shift.
     """
     n = packed.shape[0]
-    lookup = packed.device.type == "cpu" if lookup is None else lookup
+    cpu = packed.device.type == "cpu" if cpu is None else cpu
     if bits == 8:
         codes = packed.to(torch.float32)
-    elif not lookup and 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = ((packed[..., None] >> shifts) & ((1 << bits) - 1)).view(n, -1).to(torch.float32)
-    elif lookup and bits in _WINDOW_BITS:
+    elif cpu and bits in _WINDOW_BITS:
         if bits == 3:  # 3 bytes = two 12-bit windows of 4 codes
             triples = _pad_columns(packed, 3).view(n, -1, 3).int()
             low = triples[..., 0] | ((triples[..., 1] & 15) << 8)
             window = torch.stack([low, (triples[..., 1] >> 4) | (triples[..., 2] << 4)], -1)
-        elif bits == 4:  # 16-bit windows of 4 codes
-            window = _pad_columns(packed, 2).view(torch.int16).int() & 0xFFFF
-        else:  # byte windows of 8 or 4 codes
+        else:  # byte windows of 8 codes
             window = packed.int()
         codes = _table(bits, packed.device).index_select(0, window.view(-1)).view(n, -1)
+    elif cpu and 8 % bits == 0:
+        codes = _code_planes(packed, bits)
+    elif 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = ((packed[..., None] >> shifts) & ((1 << bits) - 1)).view(n, -1).to(torch.float32)
     else:
         wide = torch.int64  # a word of 8 codes has 40–56 bits
         packed = _pad_columns(packed, bits)
@@ -119,6 +131,15 @@ def _codes(packed: torch.Tensor, bits: int, columns: int, lookup: bool | None = 
         code_shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=packed.device)
         codes = ((words[..., None] >> code_shifts) & ((1 << bits) - 1)).view(n, -1).to(torch.float32)
     return codes[:, :columns] if codes.shape[1] >= columns else nn.functional.pad(codes, (0, columns - codes.shape[1]))
+
+
+def _index_copy_rows(out: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out[dest] = rows`` for 2-byte rows moved as 4-byte words where their layout allows (CPU index_copy_
+    of bf16 rows is ~1.8x slower than of the same bytes as int32)."""
+    if (out.element_size() == 2 and out.is_contiguous() and rows.is_contiguous() and out.shape[1] % 2 == 0
+            and out.storage_offset() % 2 == 0):
+        out, rows = out.view(torch.int32), rows.view(torch.int32)
+    out.index_copy_(0, dest, rows)
 
 
 def _dequantize_into(out: torch.Tensor, dest: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,
@@ -135,7 +156,7 @@ def _dequantize_into(out: torch.Tensor, dest: torch.Tensor, packed: torch.Tensor
     w = _codes(packed, bits, groups * group_size).view(n, groups, group_size)
     w = w.mul_(2).sub_(1) if zero is None else w.sub_(zero.float()[..., None])
     w = w.mul_(scale.float()[..., None]).view(n, -1)[:, :length]
-    out.index_copy_(0, dest, w.to(out.dtype))
+    _index_copy_rows(out, dest, w.to(out.dtype))
 
 
 _CHUNK = 1 << 24  # entries dequantized at once: bounds the temporaries of the grouped path
