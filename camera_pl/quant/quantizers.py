@@ -347,19 +347,23 @@ def gptq_batched(weight: torch.Tensor, hessian: torch.Tensor, bits: torch.Tensor
         if i1:
             values.baddbmm_(torch.bmm(diff[:, :, :i1], m[:, :i1, i1:i2]), u)
         scale, zero, maxq, sign = grids.start_block(i1, values)
-        rounded = torch.empty(n_mat, rows, width, device=w.device)
+        # The column loop runs on column-major copies ([B, w, R]: a column is contiguous, 2x faster per op).
+        values = values.transpose(1, 2).contiguous()
+        rounded = torch.empty(n_mat, width, rows, device=w.device)
         errors = torch.empty_like(values)  # e of the block's columns
+        block_codes = torch.empty(n_mat, width, rows, dtype=torch.uint8, device=w.device)
         for s1 in range(0, width, _SUB_BLOCK):  # feedback inside a block: column by column within sub-blocks
             s2 = min(s1 + _SUB_BLOCK, width)
             for k in range(s1, s2):
                 s, z, one_bit = scale[:, :, k], zero[:, :, k], sign[:, :, k]
-                q = _codes(values[:, :, k].float(), s, z, maxq[:, :, k], one_bit)
-                codes[:, :, i1 + k] = q
-                rounded[:, :, k] = _values(q, s, z, one_bit)
-                errors[:, :, k] = (values[:, :, k] - rounded[:, :, k]).div_(u[:, k, k:k + 1])
-                values[:, :, k + 1:s2] -= errors[:, :, k, None] * u[:, None, k, k + 1:s2]
-            values[:, :, s2:].baddbmm_(errors[:, :, s1:s2], u[:, s1:s2, s2:], alpha=-1)  # and between them
-        diff[:, :, i1:i2] = original - rounded
+                q = _codes(values[:, k].float(), s, z, maxq[:, :, k], one_bit)
+                block_codes[:, k] = q
+                rounded[:, k] = _values(q, s, z, one_bit)
+                errors[:, k] = (values[:, k] - rounded[:, k]).div_(u[:, k, k:k + 1])
+                values[:, k + 1:s2] -= u[:, k, k + 1:s2, None] * errors[:, k, None]
+            values[:, s2:].baddbmm_(u[:, s1:s2, s2:].transpose(1, 2), errors[:, s1:s2], alpha=-1)  # and between them
+        codes[:, :, i1:i2] = block_codes.transpose(1, 2)
+        diff[:, :, i1:i2] = original - rounded.transpose(1, 2)
     return grids.result(codes)
 
 
