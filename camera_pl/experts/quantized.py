@@ -136,8 +136,8 @@ def _codes(packed: torch.Tensor, bits: int, columns: int, cpu: bool | None = Non
 def _index_copy_rows(out: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor) -> None:
     """``out[dest] = rows`` for 2-byte rows moved as 4-byte words where their layout allows (CPU index_copy_
     of bf16 rows is ~1.8x slower than of the same bytes as int32)."""
-    if (out.element_size() == 2 and out.is_contiguous() and rows.is_contiguous() and out.shape[1] % 2 == 0
-            and out.storage_offset() % 2 == 0):
+    if (out.element_size() == 2 and out.shape[1] % 2 == 0
+            and all(t.is_contiguous() and t.storage_offset() % 2 == 0 for t in (out, rows))):
         out, rows = out.view(torch.int32), rows.view(torch.int32)
     out.index_copy_(0, dest, rows)
 
