@@ -249,6 +249,25 @@ def test_grouped_forward_equals_per_expert_forward(arch, method, stats_of, monke
     torch.testing.assert_close(grouped_loaded, looped, rtol=0, atol=1e-5)
 
 
+def test_cpu_stacks_order_micro_experts_by_bit_width(stats_of, monkeypatch):
+    """On a CPU, each expert's micro-experts sit in its stacks by bit-width, every (expert, bit-width) block one
+    run of rows written in place: the same logits and observed activations as the per-expert loop."""
+    model = tiny_moe("qwen3_moe")
+    quantize(model, stats_of("qwen3_moe"), avg_bits=2.5, group_size=16)
+    experts = moe_layers(model)[0].experts
+    plan = experts._plan(torch.device("cpu"))
+    assert len(plan.runs["gate"]) > 1 and all(r is not None for r in plan.runs["gate"].values())
+    bits = experts.gate_bits.view(experts.num_experts, -1)
+    slot_bits = bits.gather(1, plan.channels)  # bit-width of each slot: ascending within every expert
+    assert bool((slot_bits.diff(dim=1) >= 0).all()) and not torch.equal(plan.channels[0], torch.arange(bits.shape[1]))
+    grouped, looped = _both_paths(model, monkeypatch, logits)
+    torch.testing.assert_close(grouped, looped, rtol=0, atol=1e-5)
+    stats = _both_paths(model, monkeypatch, lambda m: collect_stats(m, CALIB[:1]))
+    for a, b in zip(*(s.layers.values() for s in stats)):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_forward_of_pruned_experts_and_bf16(stats_of, monkeypatch):
     from camera_pl import prune
 
@@ -291,7 +310,8 @@ def test_decode_sized_grouped_forward_builds_only_hit_experts(arch, method, dtyp
         built = experts.grouped_weights(x, hit)
         assert built.experts == hit and built.up.shape[0] == built.down.shape[0] == 2
         for e, up in zip(hit, built.up):  # the stacks hold exactly those experts' dequantized weights
-            assert torch.equal(experts.layout.split(up.t(), 0)[1], experts.weights(e, dtype).up)
+            slots = slice(None) if built.channels is None else built.channels[e]  # unpruned: channel = row
+            assert torch.equal(experts.layout.split(up.t(), 0)[1], experts.weights(e, dtype).up[slots])
         grouped = layer.module(x, index, weights)
         with monkeypatch.context() as patch:
             patch.setattr(forward, "GROUPED_BUDGET", {"cpu": 1})  # one expert per grouped_weights call

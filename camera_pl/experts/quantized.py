@@ -23,6 +23,10 @@ bounded size) into compact zero-padded ``[n, width, H]`` stacks: per (matrix, bi
 the hit experts' rows are unpacked at once (a few whole-tensor ops), dequantized
 in bounded float32 chunks and written, cast once, to precomputed rows of the stacks in the
 activations' dtype; the experts forward then runs two grouped GEMMs over those experts.
+On a CPU the stacks hold each expert's micro-experts ordered by bit-width (its gate row, up
+row and down column move together, so only the GEMMs' summation order changes): every
+(expert, bit-width) block is one run of rows, dequantized straight into place, with no
+cast copy and no scatter (a Qwen3-30B-A3B-sized CAMERA-Q layer: 19% faster than scattering).
 Otherwise :meth:`~QuantizedExperts.weights` dequantizes each hit expert to float32 and casts it.
 Both give the float32 dequantized weights rounded once to the activations' dtype and run the
 experts' own math, so the output matches the model with the dequantized weights written back
@@ -142,9 +146,10 @@ def _index_copy_rows(out: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor) 
     out.index_copy_(0, dest, rows)
 
 
-def _dequantize_into(out: torch.Tensor, dest: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor,
-                     zero: torch.Tensor | None, group_size: int) -> None:
-    """Dequantize bit-packed rows into rows ``dest`` of ``out [R, C]``, in ``out``'s dtype.
+def _dequantize_into(out: torch.Tensor, dest: torch.Tensor | int, packed: torch.Tensor, bits: int,
+                     scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> None:
+    """Dequantize bit-packed rows into rows ``dest`` (indices, or the first of a run of rows) of ``out [R, C]``,
+    in ``out``'s dtype.
 
     The same arithmetic as :func:`~camera_pl.quant.quantizers.dequantize` — ``(q − z)·s``, or
     ``(2q − 1)·s`` at 1 bit (``zero`` None) — in place on one float32 ``[N, G, g]`` block
@@ -156,7 +161,10 @@ def _dequantize_into(out: torch.Tensor, dest: torch.Tensor, packed: torch.Tensor
     w = _codes(packed, bits, groups * group_size).view(n, groups, group_size)
     w = w.mul_(2).sub_(1) if zero is None else w.sub_(zero.float()[..., None])
     w = w.mul_(scale.float()[..., None]).view(n, -1)[:, :length]
-    _index_copy_rows(out, dest, w.to(out.dtype))
+    if isinstance(dest, int):  # a run of rows: cast on the way in (no cast copy, no scatter)
+        out[dest:dest + n].copy_(w)
+    else:
+        _index_copy_rows(out, dest, w.to(out.dtype))
 
 
 _CHUNK = 1 << 24  # entries dequantized at once: bounds the temporaries of the grouped path
@@ -168,12 +176,15 @@ class _GroupedPlan:
 
     ``width``: common padded width (a multiple of 8); ``padded``: whether any expert is
     narrower (its stacks then start from zeros); ``channels [E, width]``: original
-    micro-expert of each slot (``intermediate_size`` for padding) or None at full, aligned
-    width; ``slots [ΣW]``: padded position ``e·width + j`` of every kept micro-expert;
+    micro-expert of each slot (``intermediate_size`` for padding) or None where the slots are the
+    micro-experts (full, aligned width, stored order); ``slots [ΣW]``: padded position
+    ``e·width + slot`` of every kept micro-expert (CPU plans order slots by bit-width);
     ``dest[m][b]``: padded row of each row stored at ``b`` bits for matrix ``m`` (gate and up
     rows: rows of the packed ``[E·2·width, H]`` gate/up stack, in the module's layout), on the
     device and (``host``) on the CPU; ``per[m]``: rows of one expert in ``m``'s stack;
     ``starts[m][b]``: int64 ``[E + 1]`` (CPU) first stored row of each expert at ``b`` bits;
+    ``runs[m][b]``: first padded row of each expert's ``b``-bit rows where each expert's are one run
+    (micro-experts ordered by bit-width, CPU plans), else None (scattered);
     ``stores``: the stores as the low-bit kernels read them (built on their first use).
     """
 
@@ -185,7 +196,16 @@ class _GroupedPlan:
     host: dict[str, dict[int, torch.Tensor]]
     per: dict[str, int]
     starts: dict[str, dict[int, torch.Tensor]]
+    runs: dict[str, dict[int, list[int] | None]]
     stores: dict[str, list[lowbit.Store]] | None = None
+
+
+def _runs(dest: torch.Tensor, starts: torch.Tensor) -> list[int] | None:
+    """First padded row of each expert's rows at one bit-width (``dest [N]`` split by ``starts [E + 1]``), where
+    every expert's are one run of consecutive rows; else None."""
+    step, inner = dest.diff() == 1, starts[1:-1]
+    step[inner[(inner > 0) & (inner < dest.numel())] - 1] = True  # from one expert's rows to the next
+    return dest[starts[:-1].clamp(max=dest.numel() - 1)].tolist() if bool(step.all()) else None
 
 
 class QuantizedExperts(CameraExperts):
@@ -339,8 +359,9 @@ class QuantizedExperts(CameraExperts):
         return out
 
     def _dequantize_rows(self, m: str, b: int, rows: slice | torch.Tensor, out: torch.Tensor,
-                         dest: torch.Tensor) -> None:
-        """Rows ``rows`` (a slice or int64 indices) of matrix ``m``'s ``b``-bit store into rows ``dest`` of ``out``."""
+                         dest: torch.Tensor | int) -> None:
+        """Rows ``rows`` (a slice or int64 indices) of matrix ``m``'s ``b``-bit store into rows ``dest`` (indices,
+        or the first of a run) of ``out``."""
         def take(t: torch.Tensor) -> torch.Tensor:
             return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
@@ -355,12 +376,13 @@ class QuantizedExperts(CameraExperts):
             num, widths, hidden = self.num_experts, self._widths, self.hidden_size
             width = max(8, -(-int(widths.max()) // 8) * 8)
             expert = torch.repeat_interleave(torch.arange(num), widths)
-            slot = torch.arange(expert.numel()) - torch.tensor(self._offsets[:-1])[expert]
+            index = torch.arange(expert.numel()) - torch.tensor(self._offsets[:-1])[expert]
+            slot = self._slots_by_bits(expert, index) if device.type == "cpu" else index
             slots = expert * width + slot
             channels = None
-            if not (self.full_width and width == self.intermediate_size):
+            if not (self.full_width and width == self.intermediate_size and slot is index):
                 channels = torch.full((num * width,), self.intermediate_size, dtype=torch.long)
-                kept = self.channel_index.cpu() if "channel_index" in self._buffers else slot
+                kept = self.channel_index.cpu() if "channel_index" in self._buffers else index
                 channels = channels.index_put((slots,), kept).view(num, width)
             ids = torch.arange(2 * num * width).view(2, num, width)  # gate and up rows of the packed [E·2·width]
             order = self.layout.pack(ids[0], ids[1], 1).flatten()
@@ -374,21 +396,42 @@ class QuantizedExperts(CameraExperts):
                 padded = torch.arange(bit_map.numel()) if m == "down" and by_output else padded_rows[m]
                 host[m] = {int(b): padded[bit_map == int(b)] for b in self._spec["matrices"][m]["counts"]}
             starts = {m: {b: torch.tensor(s) for b, s in by_bits.items()} for m, by_bits in self._row_starts().items()}
+            runs = {m: {b: _runs(d, starts[m][b]) if device.type == "cpu" else None for b, d in by_bits.items()}
+                    for m, by_bits in host.items()}  # on a GPU, a launch per run would cost more than the scatter
             self._plans[device] = _GroupedPlan(
                 width, bool((widths < width).any()), None if channels is None else channels.to(device),
                 slots.to(device), {m: {b: d.to(device) for b, d in by_bits.items()} for m, by_bits in host.items()},
-                host, per, starts)
+                host, per, starts, runs)
         return self._plans[device]
+
+    def _slots_by_bits(self, expert: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Slot of every kept micro-expert in its expert's stacked rows, ordered by the gate rows' bit-width (then
+        by index): each (expert, bit-width) block of rows is then one run of the stacks, dequantized
+        straight into place. A micro-expert's gate and up rows and down column share its slot, so
+        only the GEMM's summation order changes. ``index`` itself where the order would not change,
+        or where the down projection is stored by output rows (whose columns keep the stored order)."""
+        if self._spec["down_axis"] != "in":
+            return index
+        bits = getattr(self, "gate_bits" if "gate" in self._spec["matrices"] else "up_bits").cpu().long()
+        order = torch.argsort(expert * 256 + bits, stable=True)  # by expert, then bit-width, then index
+        slot = torch.empty_like(index).index_put_((order,), index)
+        return index if torch.equal(slot, index) else slot
 
     def _stack(self, m: str, plan: _GroupedPlan, hit: list[int] | None, out: torch.Tensor) -> torch.Tensor:
         """Rows of matrix ``m`` of the experts ``hit`` (ascending; None: all) dequantized into their padded rows
         of the stack ``out [n·per, C]`` of those experts: one unpack per bit-width (in bounded chunks) serves
-        every expert. The rows to read and where they go come from the host-side plan: no device sync; a
-        run of consecutive experts reads one slice of each store."""
+        every expert — per run of rows where the plan has runs (CPU). The rows to read and where they go
+        come from the host-side plan: no device sync; a run of consecutive experts reads one slice of
+        each store."""
         chunk = max(1, _CHUNK // out.shape[1])
         first, stop = (0, self.num_experts) if hit is None else (hit[0], hit[-1] + 1)
         consecutive = stop - first == (self.num_experts if hit is None else len(hit))
         for b, dest in plan.dest[m].items():
+            if plan.runs[m][b] is not None:  # one run of rows per expert: dequantized straight into place
+                for begin, end, row in self._runs_of(m, b, plan, hit):
+                    for start in range(begin, end, chunk):
+                        self._dequantize_rows(m, b, slice(start, min(start + chunk, end)), out, row + start - begin)
+                continue
             if consecutive:
                 starts = self._row_starts()[m][b]
                 rows, dest = starts[first], dest[starts[first]:starts[stop]]
@@ -407,6 +450,21 @@ class QuantizedExperts(CameraExperts):
                 selected = slice(rows + start, rows + end) if consecutive else rows[start:end]
                 self._dequantize_rows(m, b, selected, out, dest[start:end])
         return out
+
+    def _runs_of(self, m: str, b: int, plan: _GroupedPlan, hit: list[int] | None) -> list[tuple[int, int, int]]:
+        """``(first, end, row)``: stored rows ``[first, end)`` of matrix ``m`` at ``b`` bits go to the rows from
+        ``row`` on of the stack of the experts ``hit`` (None: all); the runs of neighbouring experts
+        that continue each other (in the store and in the stack) are merged."""
+        starts, runs, merged = self._row_starts()[m][b], plan.runs[m][b], []
+        for i, e in enumerate(range(self.num_experts) if hit is None else hit):
+            if starts[e + 1] == starts[e]:
+                continue
+            row = runs[e] - (e - i) * plan.per[m]
+            if merged and merged[-1][1] == starts[e] and merged[-1][2] + starts[e] - merged[-1][0] == row:
+                merged[-1] = (merged[-1][0], starts[e + 1], merged[-1][2])
+            else:
+                merged.append((starts[e], starts[e + 1], row))
+        return merged
 
     def grouped_weights(self, x: torch.Tensor, hit: list[int] | None = None) -> GroupedWeights | None:
         """The experts ``hit`` (None: all) dequantized into zero-padded stacks for grouped GEMMs (CPU fp32/bf16,
