@@ -260,7 +260,14 @@ def test_cpu_stacks_order_micro_experts_by_bit_width(stats_of, monkeypatch):
     bits = experts.gate_bits.view(experts.num_experts, -1)
     slot_bits = bits.gather(1, plan.channels)  # bit-width of each slot: ascending within every expert
     assert bool((slot_bits.diff(dim=1) >= 0).all()) and not torch.equal(plan.channels[0], torch.arange(bits.shape[1]))
+    from camera_pl.experts import forward, quantized
+
+    written, dequantize_into = [], quantized._dequantize_into
+    monkeypatch.setattr(quantized, "_dequantize_into", lambda out, dest, *a: written.append(type(dest)) or
+                        dequantize_into(out, dest, *a))
+    monkeypatch.setattr(forward, "GROUPED_BUDGET", {"cpu": 1})  # an expert per batch: one run per bit-width
     grouped, looped = _both_paths(model, monkeypatch, logits)
+    assert int in written  # blocks written in place (the per-expert loop scatters)
     torch.testing.assert_close(grouped, looped, rtol=0, atol=1e-5)
     stats = _both_paths(model, monkeypatch, lambda m: collect_stats(m, CALIB[:1]))
     for a, b in zip(*(s.layers.values() for s in stats)):
