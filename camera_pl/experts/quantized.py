@@ -46,6 +46,7 @@ from camera_pl.experts import lowbit
 from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, cast, grouped_mm_supported
 from camera_pl.experts.forward import SortedRouting, projected_rows
 from camera_pl.experts.module import CameraExperts
+from camera_pl.host_memory import release_freed_host_memory
 from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows
 
 
@@ -316,6 +317,7 @@ class QuantizedExperts(CameraExperts):
                 if b > 1:
                     getattr(self, f"{m}_z{b}")[stored] = q.zero.index_select(0, rows)
                 filled[b] = stored.stop
+            release_freed_host_memory()
 
     def spec(self) -> dict:
         return self._spec

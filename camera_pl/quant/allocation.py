@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from camera_pl.host_memory import release_freed_host_memory
 from camera_pl.quant.quantizers import check_bits, squared_errors
 
 DEFAULT_GROUPS = ((8, 0.1), (4, 0.3), (2, 0.6))
@@ -132,9 +133,11 @@ def row_errors(rows: torch.Tensor, choices: tuple[int, ...], group_size: int,
     """
     step = max(1, ROW_CHUNK // max(1, rows.shape[1]))
     per_row = column_weight is not None and column_weight.dim() == 2 and column_weight.shape[0] == rows.shape[0] > 1
-    parts = [squared_errors(rows[i:i + step], choices, group_size,
-                            column_weight[i:i + step] if per_row else column_weight).double()
-             for i in range(0, rows.shape[0], step)]
+    parts = []
+    for i in range(0, rows.shape[0], step):
+        parts.append(squared_errors(rows[i:i + step], choices, group_size,
+                                    column_weight[i:i + step] if per_row else column_weight).double())
+        release_freed_host_memory()
     return torch.cat(parts) if parts else torch.zeros(0, len(choices), dtype=torch.float64)
 
 

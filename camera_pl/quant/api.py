@@ -25,6 +25,7 @@ from torch import nn
 
 from camera_pl.arch.adapters import decoder_layers, moe_layers
 from camera_pl.experts.quantized import QuantizedExperts
+from camera_pl.host_memory import release_freed_host_memory
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.offload import LayerByLayer, OffloadConfig, as_offload, home_device, onloaded
 from camera_pl.quant.calibration import capture_layer_inputs, capture_step_inputs
@@ -185,6 +186,7 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
     calibrated = config.quantizer == "gptq" or measured
 
     def quantize_one(layer, inputs) -> None:
+        release_freed_host_memory(force=True)  # what earlier work (and the layer before) freed, before this layer's
         with torch.no_grad():
             bits = allocation[layer.index] if allocation is not None else \
                 _allocate(layer, config, stats, scores, energy, inputs)
@@ -211,6 +213,7 @@ def quantize(model: nn.Module, stats=None, config: QuantizeConfig | str | None =
             _quantize_other(model, layers, config.other_bits, config.group_size)
     finally:
         model.train(was_training)
+        release_freed_host_memory(force=True)
     return QuantReport(config.method, config.quantizer, config.group_size, config.pack, reports, config.other_bits)
 
 

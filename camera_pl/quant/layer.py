@@ -22,6 +22,7 @@ from camera_pl.arch.adapters import MoELayer
 from camera_pl.quant.allocation import LayerBits
 from camera_pl.quant.calibration import LayerInputs
 from camera_pl.experts.base import ExpertWeights
+from camera_pl.host_memory import release_freed_host_memory
 from camera_pl.quant.quantizers import QuantizedRows, gptq, gptq_batched, gptq_chunk_size, rtn
 
 
@@ -54,6 +55,7 @@ def _rtn_routed(layer: MoELayer, bits: LayerBits, group_size: int) -> dict[str, 
             out["gate"].append(rtn(w.gate, _row_bits(bits, "gate", e, ch), group_size))
         out["up"].append(rtn(w.up, _row_bits(bits, "up", e, ch), group_size))
         out["down"].append(rtn(down_rows, _row_bits(bits, "down", e, ch), group_size))
+        release_freed_host_memory()
     return out
 
 
@@ -96,6 +98,7 @@ def _gptq_routed(layer: MoELayer, bits: LayerBits, inputs: LayerInputs, group_si
                     out["gate"][e], out["up"][e] = q.select_rows(0, width), q.select_rows(width, rows)
                 else:
                     out["up"][e] = q
+            release_freed_host_memory()
         for chunk in _chunks(members, gptq_chunk_size(experts.hidden_size, width)):
             hessians = []
             for e in chunk:  # the down projections' inputs: activations of the quantized gate/up
@@ -109,6 +112,7 @@ def _gptq_routed(layer: MoELayer, bits: LayerBits, inputs: LayerInputs, group_si
             results = gptq_batched(w, torch.stack(hessians), b, group_size, axis=bits.down_axis, **options)
             for e, q in zip(chunk, results):
                 out["down"][e] = q
+            release_freed_host_memory()
     return out, fallback
 
 
