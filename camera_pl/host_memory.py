@@ -3,10 +3,10 @@
 Quantizing a layer on a CPU allocates and frees thousands of temporaries of 0.1–30 MB (one expert's
 float copies, codes, scales). glibc's allocator keeps the freed blocks inside its heaps, fragmented,
 and raises its mmap threshold with every large block freed, so more and more temporaries land in
-those heaps: the process's resident memory grew to 2.5–4.3x a Qwen3-30B-A3B-sized model while the
-live tensors never exceeded 1.42x (and varied from run to run). ``malloc_trim`` returns the free
-pages of every heap, so calling it between chunks of work bounds the resident memory by what is
-live. Other C libraries (musl, macOS, Windows) have no such call; there this is a no-op.
+those heaps: the process's resident memory grew to 1.7–4.3x a 2-layer Qwen3-30B-A3B-sized model,
+different in every run, while the live tensors never exceeded 1.42x. ``malloc_trim`` returns the
+free pages of every heap, so calling it between chunks of work bounds the resident memory by what
+is live. Other C libraries (musl, macOS, Windows) have no such call; there this is a no-op.
 """
 
 from __future__ import annotations
