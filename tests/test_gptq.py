@@ -83,8 +83,9 @@ def reference_gptq(weight, hessian, bits, group_size=128, *, axis="out", damp=0.
     return QuantizedRows(codes, scale.to(torch.float16), zero.to(torch.uint8), bits, gs)
 
 
-def reference_quantize_routed(layer, bits, quantizer, inputs, group_size, damp=0.01, act_order=False, min_tokens=32):
-    """The former per-expert, per-matrix GPTQ loop of quantize_routed."""
+def reference_quantize_routed(layer, bits, quantizer, inputs, group_size, sink, damp=0.01, act_order=False,
+                              min_tokens=32):
+    """The former per-expert, per-matrix GPTQ loop of quantize_routed (every matrix handed to ``sink`` at the end)."""
     experts = layer.experts
     out = {m: [] for m in bits.rows()}
     fallback = []
@@ -111,7 +112,24 @@ def reference_quantize_routed(layer, bits, quantizer, inputs, group_size, damp=0
         a = experts.activation(e, x, q).float()
         out["down"].append(reference_gptq(w.down, a.t() @ a, _row_bits(bits, "down", e, ch), group_size,
                                           axis=bits.down_axis, **options))
-    return out, fallback
+    for m, per_expert in out.items():
+        for e, q in enumerate(per_expert):
+            sink(m, e, q)
+    return fallback
+
+
+def collected(routed, layer, bits, *args, **kwargs):
+    """``(matrices {m: [rows per expert]}, fallback)`` of ``routed`` (quantize_routed or the reference); every
+    matrix must reach the sink exactly once."""
+    got = {m: [None] * layer.num_experts for m in bits.rows()}
+
+    def sink(m, e, q):
+        assert got[m][e] is None, f"expert {e}'s {m} handed over twice"
+        got[m][e] = q
+
+    fallback = routed(layer, bits, *args, sink, **kwargs)
+    assert all(q is not None for per in got.values() for q in per)
+    return got, fallback
 
 
 def assert_same(got: QuantizedRows, expected: QuantizedRows) -> None:
@@ -200,8 +218,8 @@ def test_quantize_routed_equals_per_matrix_loop(arch, method, prune_first, act_o
         assert len(set(layer.experts.widths().tolist())) > 1  # ragged: several width groups
     counts = torch.bincount(inputs.index.flatten(), minlength=layer.num_experts)
     min_tokens = int(counts.median()) + 1  # some experts fall back to all tokens, some do not
-    expected, expected_fallback = reference_quantize_routed(layer, bits, "gptq", inputs, 16, act_order=act_order,
-                                                            min_tokens=min_tokens)
+    expected, expected_fallback = collected(reference_quantize_routed, layer, bits, "gptq", inputs, 16,
+                                            act_order=act_order, min_tokens=min_tokens)
     assert 0 < len(expected_fallback) < layer.num_experts
     calls = []
     original = quantizers.gptq_batched
@@ -214,7 +232,8 @@ def test_quantize_routed_equals_per_matrix_loop(arch, method, prune_first, act_o
     for bound in (quantizers.GPTQ_CHUNK_BYTES, 1):
         monkeypatch.setattr(quantizers, "GPTQ_CHUNK_BYTES", bound)
         calls.clear()
-        got, fallback = quantize_routed(layer, bits, "gptq", inputs, 16, act_order=act_order, min_tokens=min_tokens)
+        got, fallback = collected(quantize_routed, layer, bits, "gptq", inputs, 16, act_order=act_order,
+                                  min_tokens=min_tokens)
         assert fallback == expected_fallback
         assert set(calls) == {1} if bound == 1 else max(calls) > 1  # the bound decides the chunk sizes
         for m in expected:

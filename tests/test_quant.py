@@ -10,7 +10,7 @@ from camera_pl.experts.quantized import QuantizedExperts, pack_codes, unpack_cod
 from camera_pl.quant.allocation import pmq_bits, solve_budget
 from camera_pl.quant.calibration import capture_layer_inputs
 from camera_pl.quant.config import QuantizeConfig
-from camera_pl.quant.layer import quantize_routed
+from camera_pl.quant.layer import WriteBack, quantize_routed, stored_row_bits
 from camera_pl.quant.methods import AllocationContext, uniform_allocation
 from camera_pl.quant.allocation import row_errors
 from camera_pl.quant.quantizers import gptq, rtn
@@ -101,8 +101,8 @@ def test_gptq_beats_rtn_on_calibrated_layer():
     bits = uniform_allocation(AllocationContext(layer, QuantizeConfig(method="uniform", avg_bits=2)))
     errors = {}
     for quantizer in ("rtn", "gptq"):
-        mats, _ = quantize_routed(layer, bits, quantizer, inputs, group_size=16)
-        packed = QuantizedExperts.from_rows(layer.experts, mats, bits.down_axis)
+        packed = QuantizedExperts.for_bits(layer.experts, stored_row_bits(layer, bits), 16, bits.down_axis)
+        quantize_routed(layer, bits, quantizer, inputs, 16, packed.write_rows)
         with torch.no_grad():
             errors[quantizer] = (packed(inputs.hidden, inputs.index, inputs.weights) - reference).pow(2).sum().item()
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
@@ -121,9 +121,48 @@ def test_rarely_routed_experts_fall_back_to_layer_hessian():
     model = tiny_moe("mixtral")
     layer = moe_layers(model)[0]
     inputs = capture_layer_inputs(model, layer, CALIB[:1], max_tokens=4)
-    mats, fallback = quantize_routed(layer, uniform_allocation(AllocationContext(layer, QuantizeConfig(method="uniform", avg_bits=3))), "gptq", inputs, 16, min_tokens=10**6)
+    bits = uniform_allocation(AllocationContext(layer, QuantizeConfig(method="uniform", avg_bits=3)))
+    got = []
+    fallback = quantize_routed(layer, bits, "gptq", inputs, 16, lambda m, e, q: got.append(q), min_tokens=10**6)
     assert fallback == list(range(layer.num_experts))
-    assert all(torch.isfinite(q.dequantize()).all() for rows in mats.values() for q in rows)
+    assert len(got) == 3 * layer.num_experts and all(torch.isfinite(q.dequantize()).all() for q in got)
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_experts_reach_the_sink_as_they_are_quantized(quantizer, monkeypatch):
+    """Each expert's matrices are handed over before the next expert is quantized (GPTQ chunks of one expert), so a
+    layer's unpacked codes never exist all at once; packing them that way equals the fake-quantized layer."""
+    import camera_pl.quant.quantizers as quantizers
+
+    monkeypatch.setattr(quantizers, "GPTQ_CHUNK_BYTES", 1)
+    model = tiny_moe("qwen3_moe")
+    layer = moe_layers(model)[0]
+    inputs = capture_layer_inputs(model, layer, CALIB)
+    bits = uniform_allocation(AllocationContext(layer, QuantizeConfig(method="uniform", avg_bits=3)))
+    order = []
+    packed = QuantizedExperts.for_bits(layer.experts, stored_row_bits(layer, bits), 16, bits.down_axis)
+
+    def sink(m, e, q):
+        order.append((e, m))
+        packed.write_rows(m, e, q)
+
+    quantize_routed(layer, bits, quantizer, inputs, 16, sink)
+    assert order == [(e, m) for e in range(layer.num_experts) for m in ("gate", "up", "down")]
+    quantize_routed(layer, bits, quantizer, inputs, 16, WriteBack(layer, bits))  # fake quantization in place
+    with torch.no_grad():
+        torch.testing.assert_close(packed(inputs.hidden, inputs.index, inputs.weights),
+                                   layer.module(inputs.hidden, inputs.index, inputs.weights), rtol=0, atol=1e-5)
+
+
+def test_write_rows_refuses_rows_of_another_allocation():
+    layer = moe_layers(tiny_moe("qwen3_moe"))[0]
+    bits = uniform_allocation(AllocationContext(layer, QuantizeConfig(method="uniform", avg_bits=3)))
+    packed = QuantizedExperts.for_bits(layer.experts, stored_row_bits(layer, bits), 16, bits.down_axis)
+    w = layer.experts.weights(0)
+    with pytest.raises(ValueError, match=r"expert 0's up rows .* do not match the allocation"):
+        packed.write_rows("up", 0, rtn(w.up, 4, 16))  # 4 bits where 3 were allocated
+    with pytest.raises(ValueError, match=r"group size 8\).*group size 16"):
+        packed.write_rows("up", 0, rtn(w.up, 3, 8))
 
 
 @pytest.mark.parametrize("n,choices", [(5, (1, 2, 3)), (6, (1, 2, 3)), (4, (2, 3, 4, 8))])

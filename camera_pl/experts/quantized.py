@@ -47,7 +47,7 @@ from camera_pl.experts.base import Experts, ExpertWeights, GroupedWeights, cast,
 from camera_pl.experts.forward import SortedRouting, projected_rows
 from camera_pl.experts.module import CameraExperts
 from camera_pl.host_memory import release_freed_host_memory
-from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows
+from camera_pl.quant.quantizers import SCALE_DTYPE, QuantizedRows, effective_group_size
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -224,8 +224,9 @@ def _runs(dest: torch.Tensor, starts: torch.Tensor) -> list[int] | None:
 class QuantizedExperts(CameraExperts):
     """Replacement for a layer's routed experts, holding bit-packed mixed-precision weights.
 
-    Build one with :meth:`from_rows`; ``QuantizedExperts(replaced, spec)`` makes an empty
-    module of the right shapes (used by :func:`camera_pl.serialization.load`).
+    Build one with :meth:`for_bits`, then fill it with :meth:`write_rows` expert by expert;
+    ``QuantizedExperts(replaced, spec)`` makes an empty module of the right shapes (used by
+    :func:`camera_pl.serialization.load`).
     """
 
     kind = "quantized"
@@ -264,9 +265,12 @@ class QuantizedExperts(CameraExperts):
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_rows(cls, replaced: Experts, matrices: dict[str, list[QuantizedRows]],
-                  down_axis: str) -> "QuantizedExperts":
-        """Pack per-expert quantized matrices (``{"gate"?, "up", "down": [QuantizedRows per expert]}``).
+    def for_bits(cls, replaced: Experts, row_bits: dict[str, torch.Tensor], group_size: int,
+                 down_axis: str) -> "QuantizedExperts":
+        """An unfilled module for the allocation ``row_bits`` (``{m: bits of every stored row, expert after
+        expert}``): bit maps, biases and kept channels set, codes zero until :meth:`write_rows` fills
+        them expert by expert, so that a layer is packed while it is quantized and its unpacked codes
+        never exist all at once.
 
         Gate/up rows are rows of ``[W_e, H]``; down rows are rows of ``down.T`` (``down_axis="in"``)
         or of ``down`` (``down_axis="out"``, experts of equal width only). The micro-experts kept
@@ -279,14 +283,15 @@ class QuantizedExperts(CameraExperts):
             raise ValueError("down_axis='out' quantizes rows of the down projection, whose length differs between "
                              "experts of unequal width (after layer/global pruning); use down_axis='in'.")
         spec = {"widths": widths.tolist(), "full_width": replaced.full_width, "down_axis": down_axis, "matrices": {}}
-        for m, per_expert in matrices.items():
-            bits = torch.cat([q.bits for q in per_expert])
-            spec["matrices"][m] = {
-                "length": per_expert[0].codes.shape[1], "group_size": per_expert[0].group_size,
-                "counts": {str(b): int((bits == b).sum()) for b in sorted(set(bits.tolist()))},
-            }
+        lengths = {"gate": replaced.hidden_size, "up": replaced.hidden_size,
+                   "down": replaced.hidden_size if down_axis == "in" else int(widths[0])}
+        for m, bits in row_bits.items():
+            spec["matrices"][m] = {"length": lengths[m], "group_size": effective_group_size(group_size, lengths[m]),
+                                   "counts": {str(b): int((bits == b).sum()) for b in sorted(set(bits.tolist()))}}
         module = cls(replaced, spec)
         with torch.no_grad():
+            for m, bits in row_bits.items():
+                getattr(module, f"{m}_bits").copy_(bits)
             if not replaced.full_width:
                 module.channel_index.copy_(torch.cat([replaced.channels(e) for e in range(replaced.num_experts)]))
             if module.layout.has_bias:
@@ -295,29 +300,32 @@ class QuantizedExperts(CameraExperts):
                 module.down_bias.copy_(torch.stack([w.down_bias for w in per]))
                 if module.gate_bias is not None:
                     module.gate_bias.copy_(torch.cat([w.gate_bias for w in per]))
-            for m, per_expert in matrices.items():
-                module._pack(m, per_expert)
         return module
 
-    def _pack(self, m: str, per_expert: list[QuantizedRows]) -> None:
-        """Write matrix ``m``'s quantized rows into its stores, expert by expert: the temporaries of packing stay
-        one expert's size (no layer-wide copy of the unpacked codes)."""
-        getattr(self, f"{m}_bits").copy_(torch.cat([q.bits for q in per_expert]))
-        filled = {int(b): 0 for b in self._spec["matrices"][m]["counts"]}
-        for q in per_expert:
-            bits = q.bits.cpu()
-            for b, start in filled.items():
+    def write_rows(self, m: str, e: int, q: QuantizedRows) -> None:
+        """Pack expert ``e``'s quantized rows of matrix ``m`` into their places in the stores (bit-widths as
+        allocated by :meth:`for_bits`); the temporaries stay one expert's size."""
+        info = self._spec["matrices"][m]
+        first = sum(self.rows_per_expert(m)[:e])
+        allocated = getattr(self, f"{m}_bits")[first:first + self.rows_per_expert(m)[e]]
+        if q.codes.shape[1] != info["length"] or q.group_size != info["group_size"] or \
+                not torch.equal(q.bits.to(allocated), allocated):
+            raise ValueError(f"expert {e}'s {m} rows ({tuple(q.codes.shape)}, group size {q.group_size}) do not match "
+                             f"the allocation this module was built for ({allocated.numel()} rows of "
+                             f"{info['length']}, group size {info['group_size']}, the allocated bit-widths).")
+        bits = q.bits.cpu()
+        with torch.no_grad():
+            for b, starts in self._row_starts()[m].items():
                 rows = (bits == b).nonzero().squeeze(1)
                 if not rows.numel():
                     continue
-                stored = slice(start, start + rows.numel())
+                stored = slice(starts[e], starts[e + 1])
                 rows = rows.to(q.codes.device)
                 getattr(self, f"{m}_q{b}")[stored] = pack_codes(q.codes.index_select(0, rows), b)
                 getattr(self, f"{m}_s{b}")[stored] = q.scale.index_select(0, rows).to(SCALE_DTYPE).view(torch.uint8)
                 if b > 1:
                     getattr(self, f"{m}_z{b}")[stored] = q.zero.index_select(0, rows)
-                filled[b] = stored.stop
-            release_freed_host_memory()
+        release_freed_host_memory()
 
     def spec(self) -> dict:
         return self._spec

@@ -30,7 +30,7 @@ from camera_pl.quant.allocation import LayerBits
 from camera_pl.offload import LayerByLayer, OffloadConfig, as_offload, home_device, onloaded
 from camera_pl.quant.calibration import capture_layer_inputs, capture_step_inputs
 from camera_pl.quant.config import QuantizeConfig
-from camera_pl.quant.layer import quantize_linear, quantize_routed, quantize_shared, write_back
+from camera_pl.quant.layer import WriteBack, quantize_linear, quantize_routed, quantize_shared, stored_row_bits
 from camera_pl.quant.methods import BIT_ALLOCATIONS, PMQ_CHOICES, AllocationContext
 from camera_pl.quant.quantizers import check_bits
 from camera_pl.stats.scores import score_options
@@ -275,15 +275,15 @@ def _allocate(layer, config: QuantizeConfig, stats, scores, energy, inputs) -> L
 
 
 def _quantize_layer(layer, bits: LayerBits, config: QuantizeConfig, inputs) -> LayerReport:
+    """Quantize one layer's routed experts (packed as they are quantized, or written back) and shared experts."""
     group_size, damp, act_order = config.group_size, config.damp, config.act_order
-    matrices, fallback = quantize_routed(layer, bits, config.quantizer, inputs, group_size, damp, act_order,
-                                         config.min_tokens)
-    packed = QuantizedExperts.from_rows(layer.experts, matrices, bits.down_axis)
-    memory = packed.memory()
+    packed = QuantizedExperts.for_bits(layer.experts, stored_row_bits(layer, bits), group_size, bits.down_axis)
+    sink = packed.write_rows if config.pack else WriteBack(layer, bits)
+    fallback = quantize_routed(layer, bits, config.quantizer, inputs, group_size, sink, damp, act_order,
+                               config.min_tokens)
+    memory = packed.memory()  # what the packed storage takes (also reported when fake-quantizing)
     if config.pack:
         layer.replace_experts(packed)
-    else:
-        write_back(layer, matrices, bits.down_axis)
     sbits, sbytes = None, 0
     if layer.shared is not None:
         avg = config.avg_bits or bits.avg_bits()
