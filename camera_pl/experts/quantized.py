@@ -306,8 +306,7 @@ class QuantizedExperts(CameraExperts):
         """Pack expert ``e``'s quantized rows of matrix ``m`` into their places in the stores (bit-widths as
         allocated by :meth:`for_bits`); the temporaries stay one expert's size."""
         info = self._spec["matrices"][m]
-        first = sum(self.rows_per_expert(m)[:e])
-        allocated = getattr(self, f"{m}_bits")[first:first + self.rows_per_expert(m)[e]]
+        allocated = self._bit_map(m, e)
         if q.codes.shape[1] != info["length"] or q.group_size != info["group_size"] or \
                 not torch.equal(q.bits.to(allocated), allocated):
             raise ValueError(f"expert {e}'s {m} rows ({tuple(q.codes.shape)}, group size {q.group_size}) do not match "
@@ -370,10 +369,15 @@ class QuantizedExperts(CameraExperts):
                     self._starts[m][int(b)] = seen[ends].tolist()
         return self._starts
 
+    def _bit_map(self, m: str, e: int) -> torch.Tensor:
+        """Bit-widths of expert ``e``'s stored rows of matrix ``m`` (a view of ``{m}_bits``)."""
+        rows = self.rows_per_expert(m)
+        first = sum(rows[:e])
+        return getattr(self, f"{m}_bits")[first:first + rows[e]]
+
     def _matrix(self, m: str, e: int) -> torch.Tensor:
         """Float32 rows ``[R_e, C]`` of matrix ``m`` of expert ``e``."""
-        first = sum(self.rows_per_expert(m)[:e])
-        bit_map = getattr(self, f"{m}_bits")[first:first + self.rows_per_expert(m)[e]]
+        bit_map = self._bit_map(m, e)
         out = torch.empty(bit_map.shape[0], self._spec["matrices"][m]["length"], device=bit_map.device)
         for b, starts in self._row_starts()[m].items():
             if starts[e + 1] > starts[e]:
