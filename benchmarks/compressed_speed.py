@@ -9,8 +9,15 @@ expert: fused experts) and REAP removing 40% of the experts (fused, fewer expert
 low-bit kernels run (CUDA), the CAMERA-Q model is also timed without them (the dequantizing
 path); it also runs (``--loop``) through the per-expert dequantizing loop (the forward used when
 an experts kind offers no grouped weights) for comparison. Statistics come
-from random tokens. Prefill is one no-grad forward over ``--tokens`` tokens; the median of
-``--runs`` forwards per model, models interleaved, after one warm-up forward each.
+from random tokens. The random model has an ``--vocab`` of 8192 tokens by default: random tokens then
+load the experts about evenly, as a trained router does (with tiny_moe's 96 tokens the first layer sees
+a few dozen distinct inputs, and the experts that CAMERA-P keeps wide are the ones those tokens hit,
+so a 40% ``layer`` pruning removed only ~20% of the FLOPs that the prefill ran), and its LM head weighs
+about what Qwen3-30B-A3B's does against 2 MoE layers (~20% of the routed experts' FLOPs). Prefill is one no-grad forward over ``--tokens`` tokens; the median of
+``--runs`` forwards per model, models interleaved, after one warm-up forward each; "prefill experts" is
+the time those forwards spend inside the routed experts modules (measured in ``--runs`` further
+forwards with hooks around every MoE layer's experts, synchronized on CUDA): what compressing the
+experts can change, next to the attention and routing that it leaves as they are.
 Decode is one no-grad forward of one new token per sequence on a KV cache of
 ``--context`` tokens, for batches of 1 and 8 sequences (median of ``--runs`` steps; the cache
 grows by one token per step). The training step is one forward and backward with labels on
@@ -97,6 +104,33 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def experts_seconds(model: torch.nn.Module, batch: dict, device: torch.device) -> float:
+    """Seconds one no-grad forward of ``batch`` spends inside the routed experts modules (all MoE layers summed,
+    each bracketed by ``torch.cuda.synchronize`` on CUDA): the part of a prefill that compressing the experts
+    can change; the rest is attention, norms, routing and the embeddings."""
+    spent, started = [0.0], [0.0]
+
+    def before(*_):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started[0] = time.perf_counter()
+
+    def after(*_):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent[0] += time.perf_counter() - started[0]
+
+    hooks = [h for layer in moe_layers(model) for h in (layer.module.register_forward_pre_hook(before),
+                                                        layer.module.register_forward_hook(after))]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return spent[0]
+
+
 def prefill_peak_mib(model: torch.nn.Module, batch: dict, device: torch.device) -> float:
     """Largest CUDA memory allocated during one prefill beyond what was held before it (NaN on CPU)."""
     if device.type != "cuda":
@@ -155,7 +189,7 @@ def dense_model(args: argparse.Namespace) -> torch.nn.Module:
         return reference_model(args.reference, dtype=torch.bfloat16)[0]
     dims = dict(hidden_size=args.hidden, moe_intermediate_size=args.width, num_experts=args.experts,
                 num_experts_per_tok=args.top_k, num_hidden_layers=args.layers, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=args.width,
+                num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=args.width, vocab_size=args.vocab,
                 max_position_embeddings=max(args.tokens, args.context + 2 * args.runs + 8))
     return tiny_moe("qwen3_moe", dtype=torch.bfloat16, **dims)
 
@@ -200,6 +234,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=192, help="moe_intermediate_size")
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192,
+                        help="vocabulary of the random model (tiny_moe's own 96 tokens would route the first layer's few "
+                             "distinct inputs to a few hot experts)")
     parser.add_argument("--tokens", type=int, default=4096, help="prefill tokens (batch of 4 sequences)")
     parser.add_argument("--context", type=int, default=256, help="KV-cache tokens per sequence before decoding")
     parser.add_argument("--train-tokens", type=int, default=1024, help="tokens of the training step (4 sequences)")
@@ -279,7 +316,7 @@ def main() -> None:
         name = "CAMERA-Q 2.5 bits, per-expert loop"
         models[name], build_s[name], rss[name] = looped, build_s["CAMERA-Q 2.5 bits"], rss["CAMERA-Q 2.5 bits"]
 
-    phases = ["prefill", "decode b1", "decode b8", "train step"]
+    phases = ["prefill", "prefill experts", "decode b1", "decode b8", "train step"]
     times: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in phases} for name in models}
     peak = {name: prefill_peak_mib(model, batch, device) for name, model in models.items()}  # also the warm-up
     for name, model in models.items():
@@ -288,6 +325,9 @@ def main() -> None:
         for _ in range(args.runs):
             for name, model in models.items():
                 times[name]["prefill"].append(timed(lambda: model(**batch), device))
+        for _ in range(args.runs):  # separate forwards: the hooks' synchronisation would slow the timed ones on CUDA
+            for name, model in models.items():
+                times[name]["prefill experts"].append(experts_seconds(model, batch, device))
     for name, model in models.items():
         for rows, prompt in prompts.items():
             times[name][f"decode b{rows}"] = decode_steps(model, prompt, args.runs, device)
