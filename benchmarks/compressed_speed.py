@@ -8,16 +8,18 @@ at 2.5 average bits, uniform 4 bits (both RTN, packed), CAMERA-P 40% with the ``
 expert: fused experts) and REAP removing 40% of the experts (fused, fewer experts). Where the
 low-bit kernels run (CUDA), the CAMERA-Q model is also timed without them (the dequantizing
 path); it also runs (``--loop``) through the per-expert dequantizing loop (the forward used when
-an experts kind offers no grouped weights) for comparison. Statistics come
-from random tokens. The random model has an ``--vocab`` of 8192 tokens by default: random tokens then
-load the experts about evenly, as a trained router does (with tiny_moe's 96 tokens the first layer sees
-a few dozen distinct inputs, and the experts that CAMERA-P keeps wide are the ones those tokens hit,
-so a 40% ``layer`` pruning removed only ~20% of the FLOPs that the prefill ran), and its LM head weighs
-about what Qwen3-30B-A3B's does against 2 MoE layers (~20% of the routed experts' FLOPs). Prefill is one no-grad forward over ``--tokens`` tokens; the median of
-``--runs`` forwards per model, models interleaved, after one warm-up forward each; "prefill experts" is
-the time those forwards spend inside the routed experts modules (measured in ``--runs`` further
-forwards with hooks around every MoE layer's experts, synchronized on CUDA): what compressing the
-experts can change, next to the attention and routing that it leaves as they are.
+an experts kind offers no grouped weights) for comparison. Statistics come from random tokens.
+The random model has a ``--vocab`` of 8192 tokens by default: random tokens then load the experts
+about evenly, as a trained router does (with tiny_moe's 96 tokens the first layer sees a few dozen
+distinct inputs, and the experts that CAMERA-P keeps wide are the ones those tokens hit, so a 40%
+``layer`` pruning removed only ~20% of the FLOPs that the prefill ran), and its LM head weighs about
+what Qwen3-30B-A3B's does against 2 MoE layers (~20% of the routed experts' FLOPs).
+
+Prefill is one no-grad forward over ``--tokens`` tokens; the median of ``--runs`` forwards per model,
+models interleaved (their order rotated by one place every run), after one warm-up forward each;
+"prefill experts" is the time those forwards spend inside the routed experts modules (measured in
+``--runs`` further forwards with hooks around every MoE layer's experts, synchronized on CUDA): what
+compressing the experts can change, next to the attention, routing and LM head that it leaves as they are.
 Decode is one no-grad forward of one new token per sequence on a KV cache of
 ``--context`` tokens, for batches of 1 and 8 sequences (median of ``--runs`` steps; the cache
 grows by one token per step). The training step is one forward and backward with labels on
@@ -27,6 +29,14 @@ the expert weights of the dense and pruned ones). On CUDA every timing is bracke
 prefill beyond what the models already held; on CPU it is the process's peak RSS after
 building. Compression time is one run. Stored bytes count every parameter and buffer of the
 model (``model bytes``) and of its routed experts alone (``expert bytes``).
+
+On a CPU, bf16 GEMMs run through oneDNN, which builds (JIT-compiles) a kernel for every new shape — for the
+experts, every new row count of an expert — and keeps the last 1024 (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
+A new shape costs ~0.6 ms at the reference models' sizes (15x the GEMM itself) and adds 10–60% to one at
+Qwen3-30B-A3B's. The models compared here together have more shapes than 1024, so interleaving them would
+time the cache's evictions rather than the models (measured: qwen2-moe-64x6's dense experts 2x slower
+interleaved than run alone). The benchmark therefore raises the capacity to 16384 unless the environment
+sets it: each model is then timed as it runs in a process of its own, with its kernels built.
 
 ``--gptq`` adds CAMERA-Q 2.5 bits quantized with GPTQ (calibrated on the statistics' tokens);
 ``--compress-only`` stops after building, printing each build's seconds (total and per MoE layer)
@@ -49,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import resource
 import statistics
@@ -63,6 +74,9 @@ from camera_pl.experts import lowbit
 from camera_pl.reference import REFERENCE_MODELS
 from camera_pl.testing import tiny_moe
 from offload_memory import cpu_allocation_peak
+
+# oneDNN reads this when it builds its first kernel, and no kernel has run yet (see the module docstring).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -91,6 +105,14 @@ def restart_peak_rss() -> Callable[[], float] | None:
         return kib / 2**20
 
     return peak
+
+
+def rotated(models: dict[str, torch.nn.Module], run: int) -> list[tuple[str, torch.nn.Module]]:
+    """The models in their order rotated by ``run`` places: over the runs each takes another place in the
+    interleaving (timed first in every round, qwen2-moe-64x6's dense model took 1.4x its time in rotated runs)."""
+    items = list(models.items())
+    shift = run % len(items)
+    return items[shift:] + items[:shift]
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -322,17 +344,17 @@ def main() -> None:
     for name, model in models.items():
         train_step(model, train_batch)  # warm-up
     with torch.no_grad():
-        for _ in range(args.runs):
-            for name, model in models.items():
+        for run in range(args.runs):
+            for name, model in rotated(models, run):
                 times[name]["prefill"].append(timed(lambda: model(**batch), device))
-        for _ in range(args.runs):  # separate forwards: the hooks' synchronisation would slow the timed ones on CUDA
-            for name, model in models.items():
+        for run in range(args.runs):  # separate forwards: the hooks' synchronisation would slow the timed ones on CUDA
+            for name, model in rotated(models, run):
                 times[name]["prefill experts"].append(experts_seconds(model, batch, device))
     for name, model in models.items():
         for rows, prompt in prompts.items():
             times[name][f"decode b{rows}"] = decode_steps(model, prompt, args.runs, device)
-    for _ in range(args.runs):
-        for name, model in models.items():
+    for run in range(args.runs):
+        for name, model in rotated(models, run):
             times[name]["train step"].append(timed(lambda: train_step(model, train_batch), device))
 
     median = {name: {phase: statistics.median(t) for phase, t in entry.items()} for name, entry in times.items()}
@@ -342,8 +364,10 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"\n{describe(args, dense)} on {device.type} ({hardware}); prefill {batch['input_ids'].numel()} tokens, "
           f"decode on a {args.context}-token cache, training step on {train_batch['input_ids'].numel()} tokens; "
-          f"median of {args.runs} runs each (models interleaved for prefill and training, 1 warm-up); "
-          f"torch {torch.__version__}; statistics took {stats_s:.1f} s\n")
+          f"median of {args.runs} runs each (models interleaved for prefill and training, their order rotated every run, 1 warm-up); "
+          f"torch {torch.__version__}; statistics took {stats_s:.1f} s"
+          + (f"; ONEDNN_PRIMITIVE_CACHE_CAPACITY={os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']}" if device.type == "cpu" else "")
+          + "\n")
     print("| model | experts kind | " + " | ".join(f"{p} ms | x dense" for p in phases)
           + " | compress s | peak | expert bytes | x dense | model bytes | x dense |")
     print("|---|---|" + "---|---|" * len(phases) + "---|---|---|---|---|---|")
