@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -28,6 +29,9 @@ from camera_pl.arch.forward import use_camera_experts
 from camera_pl.pruning.api import expert_params
 from camera_pl.arch.adapters import moe_layers
 from camera_pl.reference import REFERENCE_MODELS, reference_model, reference_spec
+
+# CPU bf16: the models timed in turns must not evict each other's oneDNN kernels (see compressed_speed.py).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 
 def build(args, dtype) -> torch.nn.Module:
