@@ -12,8 +12,8 @@ an experts kind offers no grouped weights) for comparison. Statistics come from 
 The random model has a ``--vocab`` of 8192 tokens by default: random tokens then load the experts
 about evenly, as a trained router does (with tiny_moe's 96 tokens the first layer sees a few dozen
 distinct inputs, and the experts that CAMERA-P keeps wide are the ones those tokens hit, so a 40%
-``layer`` pruning removed only ~20% of the FLOPs that the prefill ran), and its LM head weighs about
-what Qwen3-30B-A3B's does against 2 MoE layers (~20% of the routed experts' FLOPs).
+``layer`` pruning removed only ~20% of the FLOPs that the prefill ran), and its LM head weighs against
+the 2 MoE layers' routed experts (~22% of their FLOPs) about what Qwen3-30B-A3B's does against its 48 (~17%).
 
 Prefill is one no-grad forward over ``--tokens`` tokens; the median of ``--runs`` forwards per model,
 models interleaved (their order rotated by one place every run), after one warm-up forward each;
