@@ -115,31 +115,33 @@ def rotated(models: dict[str, torch.nn.Module], run: int) -> list[tuple[str, tor
     return items[shift:] + items[:shift]
 
 
+def drain(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA; nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds ``fn`` takes, with the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    drain(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    drain(device)
     return time.perf_counter() - start
 
 
 def experts_seconds(model: torch.nn.Module, batch: dict, device: torch.device) -> float:
     """Seconds one no-grad forward of ``batch`` spends inside the routed experts modules (all MoE layers summed,
     each bracketed by ``torch.cuda.synchronize`` on CUDA): the part of a prefill that compressing the experts
-    can change; the rest is attention, norms, routing and the embeddings."""
+    can change; the rest is attention, norms, routing, the embeddings and the LM head."""
     spent, started = [0.0], [0.0]
 
     def before(*_):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        drain(device)
         started[0] = time.perf_counter()
 
     def after(*_):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        drain(device)
         spent[0] += time.perf_counter() - started[0]
 
     hooks = [h for layer in moe_layers(model) for h in (layer.module.register_forward_pre_hook(before),
